@@ -1,0 +1,1 @@
+"""Everything that runs inside the image: the training job, the server and what they share."""

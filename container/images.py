@@ -1,0 +1,155 @@
+"""Bytes to tensors: the one preprocessing path shared by training, evaluation and serving.
+
+Images are decoded with Pillow (JPEGs at reduced DCT scale when the target is much smaller), cropped
+and resized in one resampling step, and handed on as uint8 HWC tensors. Normalisation happens on a
+whole batch, on the model's device: a stack of HWC images is already an NCHW channels-last batch, so
+no per-image float copies are made and DataLoader workers ship 4x fewer bytes through shared memory.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torchvision.transforms import RandomResizedCrop
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ImageDecodeError",
+    "Preprocessing",
+    "decode",
+    "eval_crop",
+    "normalize",
+    "random_resized_crop",
+    "to_uint8_hwc",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_RESAMPLE = Image.Resampling.BILINEAR
+# Pillow first shrinks by an integer factor with a box filter while the image is more than this
+# many times the target; at 3 the result is indistinguishable from a full resample and much faster.
+_REDUCING_GAP = 3.0
+_WHITE = (255, 255, 255)
+
+
+class ImageDecodeError(ValueError):
+    """Raised when bytes cannot be decoded into an image (corrupt, truncated, not an image)."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a model's inputs are made; stored in the model artifact so `serve` does the same."""
+
+    image_size: int = 224
+    resize_size: int = 256
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    version: int = 1
+
+    @classmethod
+    def for_image_size(cls, image_size: int) -> Preprocessing:
+        """The usual 0.875 centre-crop ratio: 224 -> resize 256, crop 224."""
+        return cls(image_size=image_size, resize_size=round(image_size / 0.875))
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Preprocessing:
+        return cls(
+            image_size=int(data["image_size"]),
+            resize_size=int(data["resize_size"]),
+            mean=tuple(float(v) for v in data["mean"]),  # type: ignore[arg-type]
+            std=tuple(float(v) for v in data["std"]),  # type: ignore[arg-type]
+            version=int(data["version"]),
+        )
+
+
+def decode(source: bytes | Path, *, min_side: int | None = None) -> Image.Image:
+    """Decode an image file to an RGB Pillow image, upright per its EXIF orientation.
+
+    With `min_side`, a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both
+    sides >= min_side: a 6 MP photo for a 256 px target decodes ~3x faster. Transparent images are
+    composited on white (what a viewer shows), not stripped to whatever colour hides under alpha.
+    """
+    try:
+        opened = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        if min_side is not None and opened.format == "JPEG":
+            opened.draft("RGB", (min_side, min_side))
+        opened.load()
+        return _to_rgb(ImageOps.exif_transpose(opened))
+    # Pillow signals corrupt input with many exception types (OSError, SyntaxError, struct.error,
+    # DecompressionBombError, ...); at this boundary every one of them means "not a usable image".
+    except Exception as exc:
+        raise ImageDecodeError(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image  # convert() would copy it for nothing
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, _WHITE)
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit greyscale: scale to 8 bits instead of letting convert() clip at 255.
+        array = np.asarray(image, dtype=np.uint32) >> 8
+        image = Image.fromarray(array.astype(np.uint8), mode="L")
+    return image.convert("RGB")
+
+
+def eval_crop(image: Image.Image, prep: Preprocessing) -> Image.Image:
+    """Resize the short side to `resize_size` and centre-crop `image_size`, in one resample."""
+    width, height = image.size
+    scale = prep.resize_size / min(width, height)
+    side = prep.image_size / scale  # the crop's side in source pixels
+    left, top = (width - side) / 2, (height - side) / 2
+    box = (left, top, left + side, top + side)
+    size = (prep.image_size, prep.image_size)
+    return image.resize(size, _RESAMPLE, box=box, reducing_gap=_REDUCING_GAP)
+
+
+def random_resized_crop(
+    image: Image.Image,
+    size: int,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> Image.Image:
+    """torchvision's RandomResizedCrop (same draws, torch's RNG), resampling only the chosen box."""
+    top, left, height, width = RandomResizedCrop.get_params(image, list(scale), list(ratio))
+    box = (left, top, left + width, top + height)
+    return image.resize((size, size), _RESAMPLE, box=box, reducing_gap=_REDUCING_GAP)
+
+
+def to_uint8_hwc(image: Image.Image) -> torch.Tensor:
+    """An RGB image as a (H, W, 3) uint8 tensor, one copy."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))
+
+
+def normalize(
+    batch: torch.Tensor,
+    prep: Preprocessing,
+    device: torch.device,
+    channels_last: bool = True,
+) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> normalised float32 (N, 3, H, W) on `device`.
+
+    The permute makes a channels-last view without copying; `channels_last=False` makes it
+    contiguous NCHW for code that wants the default layout.
+    """
+    x = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+    mean = torch.tensor(prep.mean, device=device).mul_(255).view(1, 3, 1, 1)
+    std = torch.tensor(prep.std, device=device).mul_(255).view(1, 3, 1, 1)
+    x = x.sub_(mean).div_(std)
+    return x if channels_last else x.contiguous()

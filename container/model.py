@@ -1,0 +1,175 @@
+"""The network and the model artifact that `train` writes and `serve` reads.
+
+The artifact is a flat directory (SageMaker tars it into model.tar.gz as is):
+
+- `model.pt`: a plain state_dict (tensors only; loaded with `weights_only=True`, no pickled code);
+- `classes.json`: the class names, index i naming output i;
+- `model_meta.json`: architecture, preprocessing, metrics, versions and `model_version`, a content
+  hash of the weights, written last so that a complete meta means a complete artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision import models
+
+from container.images import Preprocessing
+
+__all__ = [
+    "ARCHITECTURES",
+    "CLASSES_FILE",
+    "META_FILE",
+    "WEIGHTS_FILE",
+    "Artifact",
+    "ArtifactError",
+    "build",
+    "class_name",
+    "load_artifact",
+    "load_backbone_weights",
+    "save_artifact",
+]
+
+WEIGHTS_FILE = "model.pt"
+CLASSES_FILE = "classes.json"
+META_FILE = "model_meta.json"
+FORMAT_VERSION = 1
+
+ARCHITECTURES: dict[str, Callable[..., models.ResNet]] = {
+    "resnet18": models.resnet18,
+    "resnet34": models.resnet34,
+    "resnet50": models.resnet50,
+}
+
+_HEAD_PREFIX = "fc."
+_FOLDER_PREFIX = re.compile(r"^\d+[._\-\s]+")
+
+
+class ArtifactError(Exception):
+    """Raised when a model directory or a weights file cannot be used; says what was found."""
+
+
+def class_name(folder: str) -> str:
+    """`001.Affenpinscher` -> `Affenpinscher`, `043.Canaan_dog` -> `Canaan dog`."""
+    name = _FOLDER_PREFIX.sub("", folder).replace("_", " ").strip()
+    return name or folder
+
+
+def build(arch: str, num_classes: int) -> models.ResNet:
+    """A randomly initialised network with a `num_classes` head."""
+    return ARCHITECTURES[arch](weights=None, num_classes=num_classes)
+
+
+def load_backbone_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Load every weight but the classification head, which is sized for our classes.
+
+    Raises ArtifactError when the file is not weights for this architecture.
+    """
+    backbone = {k: v for k, v in state_dict.items() if not k.startswith(_HEAD_PREFIX)}
+    missing, unexpected = model.load_state_dict(backbone, strict=False)
+    missing = [k for k in missing if not k.startswith(_HEAD_PREFIX)]
+    if missing or unexpected:
+        raise ArtifactError(
+            f"weights do not fit {type(model).__name__}: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]} (is it the right architecture?)"
+        )
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A loaded model artifact: the network in eval mode, its classes and its metadata."""
+
+    model: nn.Module
+    classes: list[str]
+    meta: dict[str, Any]
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing.from_json(self.meta["preprocessing"])
+
+    @property
+    def model_version(self) -> str:
+        return str(self.meta["model_version"])
+
+
+def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_artifact(
+    model_dir: Path,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    arch: str,
+    classes: list[str],
+    preprocessing: Preprocessing,
+    extra_meta: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Write the artifact into `model_dir` (each file atomically) and return its metadata."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    weights = model_dir / WEIGHTS_FILE
+    cpu_state = {k: v.detach().cpu() for k, v in state_dict.items()}
+    _atomic_write(weights, lambda p: torch.save(cpu_state, p))
+    sha = _sha256(weights)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "arch": arch,
+        "num_classes": len(classes),
+        "preprocessing": preprocessing.to_json(),
+        "weights_sha256": sha,
+        "model_version": f"{arch}-{sha[:12]}",
+        **extra_meta,
+    }
+    _atomic_write(model_dir / CLASSES_FILE, lambda p: p.write_text(json.dumps(classes, indent=1)))
+    _atomic_write(model_dir / META_FILE, lambda p: p.write_text(json.dumps(meta, indent=2)))
+    return meta
+
+
+def load_artifact(model_dir: Path, device: torch.device | str = "cpu") -> Artifact:
+    """Load an artifact written by `save_artifact`; ArtifactError says what is wrong with it."""
+    found = sorted(p.name for p in model_dir.iterdir()) if model_dir.is_dir() else []
+    for name in (WEIGHTS_FILE, CLASSES_FILE, META_FILE):
+        if name not in found:
+            raise ArtifactError(f"{model_dir} has no {name}; it holds {found or 'nothing'}")
+    try:
+        meta = json.loads((model_dir / META_FILE).read_text())
+        classes = json.loads((model_dir / CLASSES_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"cannot read the metadata in {model_dir}: {exc}") from exc
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{model_dir / META_FILE} has format_version {meta.get('format_version')!r}, "
+            f"this code reads {FORMAT_VERSION}"
+        )
+    if meta.get("arch") not in ARCHITECTURES or len(classes) != meta.get("num_classes"):
+        raise ArtifactError(
+            f"{model_dir}: arch {meta.get('arch')!r} with {len(classes)} classes in "
+            f"{CLASSES_FILE} but num_classes={meta.get('num_classes')!r} in {META_FILE}"
+        )
+    model = build(meta["arch"], len(classes))
+    try:
+        state = torch.load(model_dir / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as exc:
+        raise ArtifactError(f"{model_dir / WEIGHTS_FILE} does not load: {exc}") from exc
+    return Artifact(model=model.to(device).eval(), classes=classes, meta=meta)

@@ -1,0 +1,50 @@
+"""Unpacking the archives users upload as channels (.zip, .tar, .tar.gz), once per host."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import tarfile
+import zipfile
+from pathlib import Path
+
+from container.training.errors import DataError
+
+__all__ = ["is_archive", "unpack_once"]
+
+logger = logging.getLogger(__name__)
+
+_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
+
+
+def is_archive(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith(_SUFFIXES)
+
+
+def unpack_once(archive: Path, dest: Path) -> Path:
+    """Unpack `archive` into `dest` and return `dest`.
+
+    Several processes of one host may ask at once: they queue on a lock file, and the ones after
+    the first find a completion marker and reuse the result. Member paths are confined to `dest`
+    (zipfile sanitises names; tarfile's "data" filter refuses links and paths that escape).
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    done = dest.with_name(dest.name + ".complete")
+    with open(dest.with_name(dest.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if done.exists():
+            return dest
+        logger.info("Unpacking %s to %s", archive, dest)
+        try:
+            if archive.name.lower().endswith(".zip"):
+                with zipfile.ZipFile(archive) as zf:
+                    zf.extractall(dest)
+            else:
+                with tarfile.open(archive) as tf:
+                    tf.extractall(dest, filter="data")
+        except (zipfile.BadZipFile, tarfile.TarError, OSError) as exc:
+            raise DataError(
+                f"cannot unpack {archive}: {exc}; upload a valid .zip or .tar.gz"
+            ) from exc
+        done.touch()
+    return dest

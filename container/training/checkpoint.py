@@ -1,0 +1,99 @@
+"""Checkpoints that survive a kill: everything needed to resume exactly, written atomically.
+
+One file, `last.pt`, in the checkpoint dir that SageMaker syncs to S3 (and restores on a spot
+restart): model, optimiser, scheduler and grad-scaler state, the position in the run (epoch and
+step within it), the best model so far, the metric history and every RNG state. It is written to a
+temporary name and renamed, so a kill leaves either the old or the new file, never half of one.
+Only plain containers and tensors are stored, so it loads with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import pickle
+import random
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+
+from container.training.errors import ResourceError, TrainingError
+
+__all__ = ["CHECKPOINT_FILE", "load_checkpoint", "restore_rng", "rng_state", "save_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "last.pt"
+FORMAT_VERSION = 1
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch and CUDA generator states as weights_only-loadable values."""
+    kind, keys, pos, has_gauss, gauss = cast(
+        tuple[str, np.ndarray, int, int, float], np.random.get_state(legacy=True)
+    )
+    return {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(directory: Path, state: dict[str, Any]) -> Path:
+    """Write `state` to directory/last.pt atomically; ResourceError when the disk is full."""
+    path = directory / CHECKPOINT_FILE
+    tmp = directory / f".{CHECKPOINT_FILE}.tmp"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        torch.save({"format_version": FORMAT_VERSION, **state}, tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno in _NO_SPACE:
+            raise ResourceError(
+                f"no space left for checkpoints in {directory}: free space there, or raise the "
+                "job's VolumeSizeInGB"
+            ) from exc
+        raise ResourceError(f"cannot write checkpoint {path}: {exc.strerror}") from exc
+    except RuntimeError as exc:
+        # torch.save reports a failed write of its zip stream as RuntimeError, ENOSPC included.
+        tmp.unlink(missing_ok=True)
+        raise ResourceError(
+            f"cannot write checkpoint {path} ({exc}); if the disk is full, free space there or "
+            "raise the job's VolumeSizeInGB"
+        ) from exc
+    return path
+
+
+def load_checkpoint(directory: Path) -> dict[str, Any] | None:
+    """The state saved in directory/last.pt, or None when there is none."""
+    path = directory / CHECKPOINT_FILE
+    if not path.is_file():
+        return None
+    try:
+        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as exc:
+        raise TrainingError(
+            f"checkpoint {path} is unreadable ({exc}); delete it (or the S3 checkpoint prefix) "
+            "to start over"
+        ) from exc
+    if state.get("format_version") != FORMAT_VERSION:
+        raise TrainingError(
+            f"checkpoint {path} has format {state.get('format_version')!r}, this image reads "
+            f"{FORMAT_VERSION}; delete it to start over"
+        )
+    return state

@@ -1,0 +1,312 @@
+"""Channels to datasets: ImageFolder trees (or archives of them), checked before training starts.
+
+Each channel is a folder of class folders (`001.Affenpinscher/*.jpg`). A channel holding one .zip or
+.tar(.gz) is unpacked to scratch space first, and a tree that wraps the splits (`dogImages/train`,
+`dogImages/valid`, ...) is entered at the channel's own split, so the dataset archive can be
+uploaded as is. Class indices come from the training channel; every image is probe-decoded once
+so unreadable files are skipped and reported up front, not discovered mid-epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from container.images import (
+    ImageDecodeError,
+    Preprocessing,
+    decode,
+    eval_crop,
+    random_resized_crop,
+    to_uint8_hwc,
+)
+from container.model import class_name
+from container.sagemaker_env import Channel
+from container.training.archives import is_archive, unpack_once
+from container.training.errors import DataError
+
+__all__ = [
+    "REQUIRED_CHANNELS",
+    "BadImage",
+    "DatasetSplits",
+    "FoundImages",
+    "ImageFolderDataset",
+    "ImageSet",
+    "build_splits",
+    "find_images",
+    "probe_images",
+]
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_CHANNELS = ("train", "valid")
+OPTIONAL_CHANNELS = ("test",)
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+# Probe decodes run JPEGs at 1/8 DCT scale: cheap, yet they read every byte, so truncation shows.
+_PROBE_SIDE = 32
+_MAX_WRAPPER_DEPTH = 3
+
+
+@dataclass(frozen=True)
+class BadImage:
+    """An image file that could not be decoded, and why."""
+
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """The usable images of one channel, as (path, class index) pairs, and what was skipped."""
+
+    channel: str
+    root: Path
+    samples: tuple[tuple[str, int], ...]
+    bad: tuple[BadImage, ...]
+
+    def class_counts(self, num_classes: int) -> list[int]:
+        counts = [0] * num_classes
+        for _, label in self.samples:
+            counts[label] += 1
+        return counts
+
+
+@dataclass(frozen=True)
+class DatasetSplits:
+    """Train, valid and optional test sets sharing one class index."""
+
+    class_folders: tuple[str, ...]
+    train: ImageSet
+    valid: ImageSet
+    test: ImageSet | None
+
+    @property
+    def classes(self) -> list[str]:
+        return [class_name(folder) for folder in self.class_folders]
+
+    @property
+    def sets(self) -> list[ImageSet]:
+        return [s for s in (self.train, self.valid, self.test) if s is not None]
+
+
+class ImageFolderDataset(Dataset[tuple[torch.Tensor, int]]):
+    """Decoded, cropped uint8 HWC images; `augment` picks random crops and flips."""
+
+    def __init__(
+        self, samples: Sequence[tuple[str, int]], prep: Preprocessing, augment: bool
+    ) -> None:
+        self.samples = samples
+        self.prep = prep
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        try:
+            image = decode(Path(path), min_side=self.prep.resize_size)
+        except ImageDecodeError as exc:
+            raise DataError(f"{path} became unreadable during training: {exc}") from exc
+        if not self.augment:
+            return to_uint8_hwc(eval_crop(image, self.prep)), label
+        pixels = to_uint8_hwc(random_resized_crop(image, self.prep.image_size))
+        if torch.rand(()) < 0.5:
+            pixels = pixels.flip(1)
+        return pixels, label
+
+
+# --- channel folders ---------------------------------------------------------------------------
+
+
+def _visible(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+
+
+def _channel_root(channel: Channel, scratch: Path) -> Path:
+    """The ImageFolder root of a channel: unpack an archive, step through wrapper folders."""
+    if not channel.path.is_dir():
+        raise DataError(
+            f"channel {channel.name!r} has no folder at {channel.path}: "
+            "check the channel's S3 prefix and the role's access to it"
+        )
+    entries = _visible(channel.path)
+    root = channel.path
+    if len(entries) == 1 and is_archive(entries[0]):
+        root = unpack_once(entries[0], scratch / channel.name)
+    for _ in range(_MAX_WRAPPER_DEPTH):
+        entries = _visible(root)
+        dirs = [p for p in entries if p.is_dir()]
+        named = [d for d in dirs if d.name.lower() == channel.name]
+        if named and len(dirs) > 1:
+            root = named[0]  # the whole dataset (train/ valid/ test/) in one tree
+        elif len(dirs) == 1 and not any(map(_is_image, entries)) and _has_subdirs(dirs[0]):
+            root = dirs[0]  # a wrapper such as dogImages/
+        else:
+            break
+    return root
+
+
+def _has_subdirs(folder: Path) -> bool:
+    return any(p.is_dir() for p in _visible(folder))
+
+
+def _class_images(root: Path) -> dict[str, list[Path]]:
+    """Class folder -> its image files (searched recursively, like torchvision's ImageFolder)."""
+    found: dict[str, list[Path]] = {}
+    for folder in (p for p in _visible(root) if p.is_dir()):
+        images = sorted(
+            Path(dirpath) / name
+            for dirpath, _, names in os.walk(folder, followlinks=True)
+            for name in names
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
+        )
+        if images:
+            found[folder.name] = images
+        else:
+            logger.warning("Class folder %s holds no images; ignored", folder)
+    return found
+
+
+# --- finding, probing, indexing ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FoundImages:
+    """What the channels hold, before any image is decoded: class folder -> files, per channel."""
+
+    class_folders: tuple[str, ...]
+    roots: dict[str, Path]
+    files: dict[str, dict[str, list[Path]]]
+
+
+def find_images(channels: dict[str, Channel], scratch: Path) -> FoundImages:
+    """Locate the train, valid and (optional) test trees and check their class layout."""
+    for name in REQUIRED_CHANNELS:
+        if name not in channels:
+            raise DataError(
+                f"required channel {name!r} is missing: the job has channels {sorted(channels)}; "
+                f"give it {list(REQUIRED_CHANNELS)} (and optionally 'test'), each an ImageFolder "
+                "tree"
+            )
+    known = {*REQUIRED_CHANNELS, *OPTIONAL_CHANNELS, "pretrained"}
+    if unused := sorted(set(channels) - known):
+        logger.warning("Ignoring channels %s", unused)
+    used = [channels[name] for name in (*REQUIRED_CHANNELS, *OPTIONAL_CHANNELS) if name in channels]
+    for channel in used:
+        if channel.input_mode == "Pipe":
+            raise DataError(
+                f"channel {channel.name!r} uses Pipe mode, which cannot serve random access to "
+                "image files; use File or FastFile input mode"
+            )
+        if channel.s3_distribution_type != "FullyReplicated":
+            raise DataError(
+                f"channel {channel.name!r} uses {channel.s3_distribution_type}; use "
+                "FullyReplicated: distributed training shards the data itself"
+            )
+    roots = {channel.name: _channel_root(channel, scratch) for channel in used}
+    files = {name: _class_images(root) for name, root in roots.items()}
+    for name, by_class in files.items():
+        if not by_class:
+            raise DataError(
+                f"channel {name!r} has no images in class folders under {roots[name]}: expected "
+                f"{name}/<class>/<image>.jpg; usually the channel's S3 prefix is wrong or the "
+                "role lacks access"
+            )
+    folders = tuple(sorted(files["train"]))
+    if len(folders) < 2:
+        raise DataError(
+            f"channel 'train' has {len(folders)} class folder ({', '.join(folders)}) under "
+            f"{roots['train']}: a classifier needs at least two classes"
+        )
+    _check_names(folders)
+    for name, by_class in files.items():
+        if unknown := sorted(set(by_class) - set(folders)):
+            raise DataError(
+                f"channel {name!r} has class folders that 'train' lacks: "
+                f"{', '.join(unknown[:5])}; every class must have training images"
+            )
+    return FoundImages(class_folders=folders, roots=roots, files=files)
+
+
+def _probe(path: Path) -> BadImage | None:
+    try:
+        decode(path, min_side=_PROBE_SIDE)
+    except ImageDecodeError as exc:
+        return BadImage(str(path), str(exc))
+    return None
+
+
+def probe_images(found: FoundImages, threads: int) -> dict[str, list[BadImage]]:
+    """Decode every image once, cheaply, and return the unreadable ones per channel."""
+    # Pillow releases the GIL while decoding, so threads use every core.
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return {
+            name: [
+                bad
+                for bad in pool.map(_probe, _all_files(by_class), chunksize=16)
+                if bad is not None
+            ]
+            for name, by_class in found.files.items()
+        }
+
+
+def _all_files(by_class: dict[str, list[Path]]) -> list[Path]:
+    return [path for paths in by_class.values() for path in paths]
+
+
+def build_splits(
+    found: FoundImages, bad: dict[str, list[BadImage]], max_bad: float
+) -> DatasetSplits:
+    """Index the readable images; fail when a channel has more unreadable ones than allowed."""
+    index = {folder: i for i, folder in enumerate(found.class_folders)}
+    sets: dict[str, ImageSet] = {}
+    for name, by_class in found.files.items():
+        total = len(_all_files(by_class))
+        skipped = bad.get(name, [])
+        if skipped:
+            logger.warning(
+                "Channel %s: skipping %d unreadable image(s) of %d, e.g. %s (%s)",
+                name,
+                len(skipped),
+                total,
+                skipped[0].path,
+                skipped[0].reason,
+            )
+        if len(skipped) > max_bad * total:
+            listed = ", ".join(b.path for b in skipped[:5])
+            raise DataError(
+                f"channel {name!r}: {len(skipped)} of {total} images are unreadable, more than "
+                f"max_bad_images={max_bad:g} allows; fix or remove them: {listed}"
+            )
+        skip = {b.path for b in skipped}
+        samples = tuple(
+            (str(path), index[folder])
+            for folder, paths in by_class.items()
+            for path in paths
+            if str(path) not in skip
+        )
+        sets[name] = ImageSet(name, found.roots[name], samples, tuple(skipped))
+    return DatasetSplits(found.class_folders, sets["train"], sets["valid"], sets.get("test"))
+
+
+def _check_names(folders: Iterable[str]) -> None:
+    seen: dict[str, str] = {}
+    for folder in folders:
+        name = class_name(folder)
+        if name in seen:
+            raise DataError(
+                f"class folders {seen[name]!r} and {folder!r} both read as {name!r}; rename one"
+            )
+        seen[name] = folder

@@ -1,0 +1,214 @@
+"""Data-parallel training over the GPUs of a host and the hosts of resourceconfig.json.
+
+One process per GPU (or `processes_per_host` on CPU), DDP over NCCL on GPUs and gloo on CPUs; the
+master is hosts[0] (CONTRACT.md §2.6). A host with several processes spawns them and forwards
+SIGTERM, because `docker stop` signals PID 1 only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from types import FrameType
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch.multiprocessing.spawn import (
+    ProcessExitedException,
+    ProcessRaisedException,
+    start_processes,
+)
+
+from container.sagemaker_env import ResourceConfig
+from container.training.errors import ConfigError
+
+__all__ = ["Rank", "World", "all_reduce_sum", "any_true", "broadcast_object", "plan_world", "run"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_RESOLVE_TIMEOUT_S = 300.0  # peers' DNS names can appear late (CONTRACT.md §2.6)
+_INIT_TIMEOUT = timedelta(minutes=10)
+
+
+@dataclass(frozen=True)
+class World:
+    """The job's process layout; the same on every host."""
+
+    hosts: tuple[str, ...]
+    host_rank: int
+    processes_per_host: int
+    master_addr: str
+    master_port: int
+    backend: str
+
+    @property
+    def size(self) -> int:
+        return len(self.hosts) * self.processes_per_host
+
+
+@dataclass(frozen=True)
+class Rank:
+    """This process's place in the world."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def plan_world(
+    resources: ResourceConfig,
+    processes_per_host: int | str,
+    master_port: int,
+) -> World:
+    """Processes per host (one per GPU unless told) and the master's address."""
+    gpus = torch.cuda.device_count()
+    if processes_per_host == "auto":
+        per_host = max(1, gpus)
+    else:
+        per_host = int(processes_per_host)
+        if gpus and per_host > gpus:
+            raise ConfigError(
+                f"processes_per_host={per_host} but this host has {gpus} GPUs; use at most {gpus}"
+            )
+    return World(
+        hosts=resources.hosts,
+        host_rank=resources.host_rank,
+        processes_per_host=per_host,
+        master_addr=resources.master_host,
+        master_port=master_port,
+        backend="nccl" if gpus else "gloo",
+    )
+
+
+def _resolve(host: str, timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return socket.gethostbyname(host)
+        except socket.gaierror:
+            if time.monotonic() > deadline:
+                raise ConfigError(
+                    f"master host {host!r} does not resolve after {timeout_s:.0f} s; check "
+                    "resourceconfig.json's hosts"
+                ) from None
+            time.sleep(1.0)
+
+
+def _init(world: World, local_rank: int) -> Rank:
+    rank = Rank(
+        rank=world.host_rank * world.processes_per_host + local_rank,
+        local_rank=local_rank,
+        world_size=world.size,
+        local_world_size=world.processes_per_host,
+    )
+    if rank.distributed:
+        address = _resolve(world.master_addr, _RESOLVE_TIMEOUT_S)
+        logger.info(
+            "Joining %s process group as rank %d/%d via %s:%d",
+            world.backend,
+            rank.rank,
+            rank.world_size,
+            address,
+            world.master_port,
+        )
+        dist.init_process_group(
+            world.backend,
+            init_method=f"tcp://{address}:{world.master_port}",
+            rank=rank.rank,
+            world_size=rank.world_size,
+            timeout=_INIT_TIMEOUT,
+        )
+    return rank
+
+
+def _child(local_rank: int, world: World, main: Callable[[Rank], int]) -> None:
+    code = _run_rank(world, local_rank, main)
+    if code:
+        raise SystemExit(code)
+
+
+def _run_rank(world: World, local_rank: int, main: Callable[[Rank], int]) -> int:
+    rank = _init(world, local_rank)
+    try:
+        return main(rank)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(world: World, main: Callable[[Rank], int]) -> int:
+    """Run `main` in every process of this host and return the host's exit code.
+
+    A single process runs in place. Several are spawned; SIGTERM on the parent is forwarded to
+    them (each stops cleanly) and the parent exits with the first non-zero code.
+    """
+    if world.processes_per_host == 1:
+        return _run_rank(world, 0, main)
+    context = start_processes(  # type: ignore[no-untyped-call]
+        _child,
+        args=(world, main),
+        nprocs=world.processes_per_host,
+        join=False,
+        start_method="spawn",
+    )
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        for process in context.processes:
+            if process.pid is not None and process.is_alive():
+                os.kill(process.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    try:
+        while not context.join():
+            pass
+    except ProcessExitedException as exc:
+        logger.error("Training process %d exited with code %s", exc.error_index, exc.exit_code)
+        return exc.exit_code or 1
+    except ProcessRaisedException as exc:
+        logger.error("Training process %d failed:\n%s", exc.error_index, exc)
+        return 1
+    return 0
+
+
+def all_reduce_sum(tensor: torch.Tensor, rank: Rank) -> torch.Tensor:
+    """Sum a tensor over all processes, in place (a no-op in a single process)."""
+    if rank.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def any_true(flag: bool, rank: Rank, device: torch.device) -> bool:
+    """True on every process when it is true on any: ranks must stop at the same step."""
+    if not rank.distributed:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def broadcast_object(obj: T | None, rank: Rank) -> T:
+    """Rank 0's `obj` on every process."""
+    if not rank.distributed:
+        assert obj is not None
+        return obj
+    box: list[Any] = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]  # type: ignore[no-any-return]

@@ -1,0 +1,134 @@
+"""What the machine offers this process: device, mixed precision, CPU threads, loader workers."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import pynvml
+import torch
+
+__all__ = ["Hardware", "cpu_has_bf16", "describe_cuda", "plan_hardware"]
+
+logger = logging.getLogger(__name__)
+
+PrecisionMode = Literal["auto", "off", "bf16", "fp16"]
+
+_SHM = Path("/dev/shm")
+_MAX_WORKERS = 8
+_PREFETCH = 2  # DataLoader's default prefetch_factor
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """Resolved once per process; everything below takes it as given."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    grad_scaler: bool
+    threads: int
+    workers: int
+
+    @property
+    def precision(self) -> str:
+        return "fp32" if self.amp_dtype is None else str(self.amp_dtype).removeprefix("torch.")
+
+
+def cpu_has_bf16() -> bool:
+    """Native bf16 matrix units (AVX512-BF16 or AMX); without them bf16 is slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _driver_version() -> str:
+    try:
+        pynvml.nvmlInit()
+        return str(pynvml.nvmlSystemGetDriverVersion())
+    except pynvml.NVMLError as exc:
+        return f"unknown ({exc})"
+
+
+def describe_cuda() -> str:
+    """Driver, CUDA runtime and devices, for the job's first log lines (CONTRACT.md §1.5)."""
+    build = f"torch {torch.__version__} built for CUDA {torch.version.cuda}"
+    if not torch.cuda.is_available():
+        return f"no usable GPU ({build}, NVIDIA driver {_driver_version()})"
+    names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+    return f"{build}, NVIDIA driver {_driver_version()}, devices: {names}"
+
+
+def _amp_dtype(mode: PrecisionMode, device: torch.device) -> torch.dtype | None:
+    if mode == "off":
+        return None
+    if mode == "bf16":
+        return torch.bfloat16
+    if mode == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_bf16() else None
+
+
+def _shm_free() -> int | None:
+    try:
+        return shutil.disk_usage(_SHM).free
+    except OSError:
+        return None
+
+
+def _workers(requested: int | Literal["auto"], cpus: int, batch_bytes: int) -> int:
+    """Loader workers: one per CPU of this process (at most 8), fewer if /dev/shm is small.
+
+    Docker's default 64 MB /dev/shm kills workers with "Bus error" (CONTRACT.md §2.8); batches are
+    uint8, so a few workers fit even there, and none are used when not even one fits.
+    """
+    wanted = min(cpus, _MAX_WORKERS) if requested == "auto" else requested
+    free = _shm_free()
+    if free is None or wanted == 0:
+        return wanted
+    # Each worker keeps `_PREFETCH` batches in flight; leave half of /dev/shm for everything else.
+    fits = int(free // 2 // (batch_bytes * _PREFETCH))
+    if fits < wanted:
+        logger.warning(
+            "/dev/shm has %d MB free, enough for %d of %d loader workers; using %d "
+            "(run docker with --shm-size=1g for more)",
+            free >> 20,
+            fits,
+            wanted,
+            min(fits, wanted),
+        )
+    return min(fits, wanted)
+
+
+def plan_hardware(
+    *,
+    local_rank: int,
+    local_world_size: int,
+    precision: PrecisionMode,
+    workers: int | Literal["auto"],
+    batch_bytes: int,
+) -> Hardware:
+    """Pick the device for `local_rank` and split this host's CPUs between its processes."""
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    cpus = max(1, len(os.sched_getaffinity(0)) // local_world_size)
+    amp = _amp_dtype(precision, device)
+    if amp is not None and device.type == "cpu" and not cpu_has_bf16():
+        logger.warning("mixed_precision=%s on a CPU without native bf16 will be slow", precision)
+    return Hardware(
+        device=device,
+        amp_dtype=amp,
+        grad_scaler=amp is torch.float16 and device.type == "cuda",
+        threads=cpus,
+        workers=_workers(workers, cpus, batch_bytes),
+    )

@@ -1,0 +1,104 @@
+"""The training job's hyperparameters: names, types, defaults and meanings, in one schema.
+
+Values arrive as strings in hyperparameters.json and are decoded by `sagemaker_env` (JSON if it
+parses, lenient coercion); this schema is the single source for the README's table too.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+__all__ = ["Arch", "Hyperparameters"]
+
+
+def _lower(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value
+
+
+Arch = Literal["resnet18", "resnet34", "resnet50"]
+_Choice = BeforeValidator(_lower)  # "SGD", "AdamW" and "Cosine" are what people type
+
+
+class Hyperparameters(BaseModel):
+    """Every knob of `train`; hyphens and underscores in names are interchangeable."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", coerce_numbers_to_str=True)
+
+    arch: Annotated[Arch, _Choice] = Field(
+        "resnet18", description="Backbone: resnet18, resnet34 or resnet50."
+    )
+    pretrained: bool = Field(
+        True,
+        description="Start from ImageNet weights (the `pretrained` channel or "
+        "`pretrained_weights`, else weights baked into the image, else torchvision's download); "
+        "false = random init.",
+    )
+    pretrained_weights: str | None = Field(
+        None,
+        description="A state_dict file to start from: a path, or a file name in the `pretrained` "
+        "channel.",
+    )
+    epochs: int = Field(10, ge=1, description="Passes over the training set.")
+    batch_size: int = Field(32, ge=2, description="Images per step in each process.")
+    optimizer: Annotated[Literal["sgd", "adamw"], _Choice] = Field(
+        "sgd", description="sgd (Nesterov momentum) or adamw."
+    )
+    lr: float = Field(0.01, gt=0, description="Peak learning rate, reached after the warm-up.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    weight_decay: float = Field(
+        1e-4, ge=0, description="Weight decay (not applied to biases and BN)."
+    )
+    lr_schedule: Annotated[Literal["cosine", "step", "constant"], _Choice] = Field(
+        "cosine", description="Decay after warm-up: cosine to zero, step, or constant."
+    )
+    lr_step_epochs: int = Field(7, ge=1, description="Step schedule: epochs between decays.")
+    lr_gamma: float = Field(0.1, gt=0, le=1, description="Step schedule: factor at each decay.")
+    warmup_epochs: float = Field(
+        1.0, ge=0, description="Linear warm-up from lr/100, in epochs (fractions allowed)."
+    )
+    frozen_epochs: int = Field(
+        0, ge=0, description="First epochs that train only the new head, backbone frozen."
+    )
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="Cross-entropy label smoothing.")
+    augment: bool = Field(
+        True, description="RandomResizedCrop + horizontal flip on training images."
+    )
+    image_size: int = Field(
+        224, ge=32, le=1024, description="Input side in pixels; recorded in the model for serving."
+    )
+    mixed_precision: Annotated[Literal["auto", "off", "bf16", "fp16"], _Choice] = Field(
+        "auto",
+        description="auto: bf16 on GPUs and CPUs that support it, fp16 on older GPUs, else off.",
+    )
+    channels_last: bool = Field(True, description="Channels-last memory format (faster convs).")
+    seed: int = Field(42, description="Seed for weights, shuffling and augmentation.")
+    workers: int | Literal["auto"] = Field(
+        "auto",
+        description="DataLoader workers per process; auto sizes them from the CPUs and shared "
+        "memory.",
+    )
+    processes_per_host: int | Literal["auto"] = Field(
+        "auto", description="Training processes per host; auto = one per GPU, or 1 on CPU."
+    )
+    max_bad_images: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Fraction of unreadable images per channel that is skipped before the job "
+        "fails.",
+    )
+    debugger: Annotated[Literal["auto", "off"], _Choice] = Field(
+        "auto", description="auto: SageMaker Debugger hook when debughookconfig.json exists."
+    )
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> Hyperparameters:
+        if self.frozen_epochs > self.epochs:
+            raise ValueError(f"frozen_epochs={self.frozen_epochs} exceeds epochs={self.epochs}")
+        for name in ("workers", "processes_per_host"):
+            value = getattr(self, name)
+            if isinstance(value, int) and value < (0 if name == "workers" else 1):
+                raise ValueError(f"{name}={value} is out of range")
+        return self

@@ -1,0 +1,174 @@
+"""One training epoch, one evaluation pass, and feature extraction for a frozen backbone.
+
+The functions take batches from any iterable and a `prepare` function that turns a batch into the
+model's input on its device: uint8 images are normalised there (`images.normalize`), cached
+features only moved. So the same loop trains the whole network or just its head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+
+from container.training.distributed import Rank, all_reduce_sum
+from container.training.hardware import Hardware
+from container.training.profiler import Profiler
+
+__all__ = ["EpochStats", "EvalResult", "evaluate", "extract_features", "train_one_epoch"]
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+Prepare = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class EpochStats:
+    """Sums over the steps this process ran in an epoch (reduced over processes by the caller)."""
+
+    loss_sum: float = 0.0
+    correct: int = 0
+    images: int = 0
+    steps: int = 0
+    stopped: bool = False
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(1, self.images)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(1, self.images)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Metrics over a whole evaluation set, identical on every process."""
+
+    loss: float
+    accuracy: float
+    top5: float
+    images: int
+    confusion: torch.Tensor  # [true, predicted] counts
+
+    def per_class_accuracy(self) -> list[float | None]:
+        support = self.confusion.sum(dim=1)
+        correct = self.confusion.diagonal()
+        return [
+            (int(c) / int(s)) if int(s) else None for c, s in zip(correct, support, strict=True)
+        ]
+
+
+def _timed(batches: Iterable[Batch], profiler: Profiler) -> Iterator[Batch]:
+    iterator = iter(batches)
+    while True:
+        with profiler.phase("data"):
+            batch = next(iterator, None)
+        if batch is None:
+            return
+        yield batch
+
+
+def _autocast(hw: Hardware) -> torch.autocast:
+    return torch.autocast(hw.device.type, dtype=hw.amp_dtype, enabled=hw.amp_dtype is not None)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    prepare: Prepare,
+    *,
+    criterion: nn.Module,
+    optimizer: Optimizer,
+    scheduler: LRScheduler,
+    scaler: torch.amp.GradScaler,
+    hw: Hardware,
+    profiler: Profiler,
+    should_stop: Callable[[], bool],
+) -> EpochStats:
+    """Train over `batches`; stop early, after a whole step, when `should_stop()` says so."""
+    stats = EpochStats()
+    loss_sum = torch.zeros((), device=hw.device, dtype=torch.float64)
+    correct = torch.zeros((), device=hw.device, dtype=torch.int64)
+    for images, labels in _timed(batches, profiler):
+        with profiler.phase("forward_backward"):
+            inputs = prepare(images)
+            targets = labels.to(hw.device, non_blocking=True)
+            with _autocast(hw):
+                logits = model(inputs)
+                loss = criterion(logits, targets)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+        with profiler.phase("optimizer"):
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+        loss_sum += loss.detach().double() * targets.numel()
+        correct += (logits.detach().argmax(dim=1) == targets).sum()
+        stats.images += targets.numel()
+        stats.steps += 1
+        if should_stop():
+            stats.stopped = True
+            break
+    stats.loss_sum = float(loss_sum)
+    stats.correct = int(correct)
+    return stats
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    prepare: Prepare,
+    *,
+    criterion: nn.Module,
+    num_classes: int,
+    hw: Hardware,
+    rank: Rank,
+) -> EvalResult:
+    """Loss, top-1, top-5 and the confusion matrix over every process's share of a set."""
+    model.eval()
+    k = min(5, num_classes)
+    loss_sum = torch.zeros((), device=hw.device, dtype=torch.float64)
+    top5 = torch.zeros((), device=hw.device, dtype=torch.int64)
+    confusion = torch.zeros(num_classes * num_classes, device=hw.device, dtype=torch.int64)
+    for images, labels in batches:
+        targets = labels.to(hw.device, non_blocking=True)
+        with _autocast(hw):
+            logits = model(prepare(images))
+            loss = criterion(logits, targets)
+        loss_sum += loss.double() * targets.numel()
+        best = logits.topk(k, dim=1).indices
+        top5 += (best == targets[:, None]).any(dim=1).sum()
+        confusion += torch.bincount(
+            targets * num_classes + best[:, 0], minlength=num_classes * num_classes
+        )
+    totals = torch.stack([loss_sum, top5.double()])
+    all_reduce_sum(totals, rank)
+    all_reduce_sum(confusion, rank)
+    matrix = confusion.view(num_classes, num_classes).cpu()
+    count = int(matrix.sum())
+    return EvalResult(
+        loss=float(totals[0]) / max(1, count),
+        accuracy=int(matrix.diagonal().sum()) / max(1, count),
+        top5=float(totals[1]) / max(1, count),
+        images=count,
+        confusion=matrix,
+    )
+
+
+@torch.inference_mode()
+def extract_features(
+    backbone: nn.Module, batches: Iterable[Batch], prepare: Prepare, hw: Hardware
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled features (float32, on CPU) and labels of every batch, through a frozen backbone."""
+    backbone.eval()
+    features, targets = [], []
+    for images, labels in batches:
+        with _autocast(hw):
+            features.append(backbone(prepare(images)).float().cpu())
+        targets.append(labels)
+    return torch.cat(features), torch.cat(targets)

@@ -1,0 +1,160 @@
+"""The job's own profile: where each epoch's time went, throughput, and how busy the machine was.
+
+SageMaker's framework profiler does not support PyTorch 2 (CONTRACT.md §4.5), so the loop times its
+phases itself and a background thread samples CPU, memory and GPU use. `reports` turns the result
+into profile.json and profile.html.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import psutil
+import pynvml
+import torch
+
+__all__ = ["PHASES", "EpochProfile", "Profiler", "SystemSample"]
+
+PHASES = ("data", "forward_backward", "optimizer", "evaluation", "checkpoint")
+"""Where an epoch's wall time goes; `data` is time spent waiting for the next batch."""
+
+
+@dataclass(frozen=True)
+class SystemSample:
+    t: float
+    cpu_percent: float
+    rss_mb: float
+    memory_percent: float
+    gpu_percent: float | None
+    gpu_memory_mb: float | None
+
+
+@dataclass
+class EpochProfile:
+    epoch: int
+    seconds: dict[str, float]
+    train_images: int
+    wall_s: float
+
+    @property
+    def images_per_sec(self) -> float:
+        busy = self.seconds["data"] + self.seconds["forward_backward"] + self.seconds["optimizer"]
+        return self.train_images / busy if busy > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "images_per_sec": self.images_per_sec}
+
+
+class _Gpu:
+    def __init__(self, device: torch.device) -> None:
+        self.handle: Any = None
+        if device.type != "cuda":
+            return
+        try:
+            pynvml.nvmlInit()
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+        except pynvml.NVMLError:
+            self.handle = None  # no NVML on this host: GPU use is left out of the report
+
+    def sample(self) -> tuple[float | None, float | None]:
+        if self.handle is None:
+            return None, None
+        try:
+            util = pynvml.nvmlDeviceGetUtilizationRates(self.handle)
+            memory = pynvml.nvmlDeviceGetMemoryInfo(self.handle)
+        except pynvml.NVMLError:
+            return None, None
+        return float(util.gpu), memory.used / 2**20
+
+
+@dataclass
+class Profiler:
+    """Phase timers for the loop and a sampler thread for the machine."""
+
+    device: torch.device
+    interval_s: float = 1.0
+    epochs: list[EpochProfile] = field(default_factory=list)
+    samples: list[SystemSample] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._current: dict[str, float] = defaultdict(float)
+        self._epoch_start = time.monotonic()
+        self._start = time.monotonic()
+        self._stop = threading.Event()
+        self._gpu = _Gpu(self.device)
+        self._process = psutil.Process()
+        self._thread = threading.Thread(target=self._sample_loop, name="profiler", daemon=True)
+
+    def start(self) -> None:
+        psutil.cpu_percent(None)  # the first reading is meaningless; prime it
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _rss_mb(self) -> float:
+        # The loader workers are child processes: count them too.
+        total = self._process.memory_info().rss
+        for child in self._process.children(recursive=True):
+            try:
+                total += child.memory_info().rss
+            except psutil.NoSuchProcess:
+                continue
+        return float(total) / 2**20
+
+    def _sample_loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            gpu, gpu_memory = self._gpu.sample()
+            self.samples.append(
+                SystemSample(
+                    t=round(time.monotonic() - self._start, 3),
+                    cpu_percent=psutil.cpu_percent(None),
+                    rss_mb=round(self._rss_mb(), 1),
+                    memory_percent=psutil.virtual_memory().percent,
+                    gpu_percent=gpu,
+                    gpu_memory_mb=gpu_memory,
+                )
+            )
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time a phase; on GPU the queue is drained first so time lands where it is spent."""
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self._current[name] += time.perf_counter() - start
+
+    def end_epoch(self, epoch: int, train_images: int) -> EpochProfile:
+        now = time.monotonic()
+        profile = EpochProfile(
+            epoch=epoch,
+            seconds={name: round(self._current[name], 4) for name in PHASES},
+            train_images=train_images,
+            wall_s=round(now - self._epoch_start, 4),
+        )
+        self.epochs.append(profile)
+        self._current.clear()
+        self._epoch_start = now
+        return profile
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "device": str(self.device),
+            "epochs": [e.to_json() for e in self.epochs],
+            "samples": [asdict(s) for s in self.samples],
+        }

@@ -1,0 +1,280 @@
+"""The job's reports in /opt/ml/output/data: evaluation and profile, each as JSON and HTML.
+
+The JSON is the record (other tools read it); the HTML renders that same JSON for people, with
+plots. SageMaker tars the folder into output.tar.gz next to model.tar.gz.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from container.training import _html
+from container.training.data import DatasetSplits
+from container.training.loop import EvalResult
+from container.training.profiler import PHASES
+
+__all__ = [
+    "EVALUATION_HTML",
+    "EVALUATION_JSON",
+    "PROFILE_HTML",
+    "PROFILE_JSON",
+    "evaluation_report",
+    "write_evaluation",
+    "write_profile",
+]
+
+EVALUATION_JSON = "evaluation.json"
+EVALUATION_HTML = "evaluation.html"
+PROFILE_JSON = "profile.json"
+PROFILE_HTML = "profile.html"
+
+_WORST = 15
+_CONFUSED = 10
+_MAX_MATRIX_CLASSES = 150
+
+
+def _split_json(result: EvalResult, classes: Sequence[str]) -> dict[str, Any]:
+    support = result.confusion.sum(dim=1).tolist()
+    correct = result.confusion.diagonal().tolist()
+    return {
+        "images": result.images,
+        "loss": result.loss,
+        "accuracy": result.accuracy,
+        "top5": result.top5,
+        "per_class": [
+            {
+                "index": i,
+                "class": name,
+                "support": support[i],
+                "correct": correct[i],
+                "accuracy": correct[i] / support[i] if support[i] else None,
+            }
+            for i, name in enumerate(classes)
+        ],
+        "confusion_matrix": result.confusion.tolist(),
+    }
+
+
+def evaluation_report(
+    *,
+    model_version: str,
+    splits: DatasetSplits,
+    results: Mapping[str, EvalResult],
+    history: Sequence[Mapping[str, float | int]],
+    best_epoch: int | None,
+) -> dict[str, Any]:
+    """The evaluation record: final metrics per split, per class, and the training curves."""
+    classes = splits.classes
+    return {
+        "model_version": model_version,
+        "classes": classes,
+        "best_epoch": best_epoch,
+        "epochs_completed": len(history),
+        "splits": {name: _split_json(result, classes) for name, result in results.items()},
+        "history": list(history),
+        "data": {
+            image_set.channel: {
+                "images": len(image_set.samples),
+                "skipped": [{"path": b.path, "reason": b.reason} for b in image_set.bad],
+            }
+            for image_set in splits.sets
+        },
+    }
+
+
+def _write(directory: Path, name: str, text: str) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{name}.tmp"
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, directory / name)
+
+
+# --- evaluation --------------------------------------------------------------------------------
+
+
+def _curves(history: Sequence[Mapping[str, Any]]) -> str:
+    epochs = [h["epoch"] for h in history]
+    fig = Figure(figsize=(10, 3.5))
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    for key, label in (("train_loss", "train"), ("val_loss", "valid")):
+        loss_ax.plot(epochs, [h[key] for h in history], marker="o", label=label)
+    for key, label in (("train_acc", "train"), ("val_acc", "valid"), ("val_top5", "valid top-5")):
+        acc_ax.plot(epochs, [h[key] for h in history], marker="o", label=label)
+    loss_ax.set(title="Loss", xlabel="epoch")
+    acc_ax.set(title="Accuracy", xlabel="epoch", ylim=(0, 1.02))
+    loss_ax.legend()
+    acc_ax.legend()
+    return _html.figure(fig, "loss and accuracy per epoch")
+
+
+def _worst(split: Mapping[str, Any]) -> tuple[str, list[Mapping[str, Any]]]:
+    rated = [c for c in split["per_class"] if c["accuracy"] is not None]
+    worst = sorted(rated, key=lambda c: (c["accuracy"], -c["support"]))[:_WORST]
+    fig = Figure(figsize=(8, 0.3 * len(worst) + 1))
+    ax = fig.subplots()
+    ax.barh([c["class"] for c in reversed(worst)], [c["accuracy"] for c in reversed(worst)])
+    ax.set(xlim=(0, 1), xlabel="accuracy", title=f"{len(worst)} worst classes")
+    return _html.figure(fig, "worst classes"), worst
+
+
+def _confused_pairs(split: Mapping[str, Any], classes: Sequence[str]) -> list[list[object]]:
+    matrix = split["confusion_matrix"]
+    pairs = [
+        (count, classes[t], classes[p])
+        for t, row in enumerate(matrix)
+        for p, count in enumerate(row)
+        if t != p and count
+    ]
+    return [[true, predicted, count] for count, true, predicted in sorted(pairs, reverse=True)]
+
+
+def _matrix(split: Mapping[str, Any], name: str) -> str:
+    matrix = split["confusion_matrix"]
+    if len(matrix) > _MAX_MATRIX_CLASSES:
+        return _html.note("Too many classes to draw; the matrix is in evaluation.json.")
+    fig = Figure(figsize=(7, 6))
+    ax = fig.subplots()
+    image = ax.imshow(matrix, cmap="Blues")
+    ax.set(title=f"Confusion matrix ({name})", xlabel="predicted", ylabel="true")
+    fig.colorbar(image)
+    return _html.figure(fig, f"confusion matrix for {name}")
+
+
+def _evaluation_html(report: Mapping[str, Any]) -> str:
+    splits = report["splits"]
+    summary = _html.table(
+        ["split", "images", "accuracy", "top-5", "loss"],
+        [[n, s["images"], s["accuracy"], s["top5"], s["loss"]] for n, s in splits.items()],
+    )
+    sections = [
+        _html.section(
+            "Summary",
+            _html.note(
+                f"model {report['model_version']}, best epoch {report['best_epoch']} of "
+                f"{report['epochs_completed']}"
+            ),
+            summary,
+        )
+    ]
+    if report["history"]:
+        sections.append(_html.section("Training curves", _curves(report["history"])))
+    focus = "test" if "test" in splits else "valid"
+    if focus in splits:
+        plot, worst = _worst(splits[focus])
+        sections.append(
+            _html.section(
+                f"Worst classes ({focus})",
+                plot,
+                _html.table(
+                    ["class", "support", "correct", "accuracy"],
+                    [[c["class"], c["support"], c["correct"], c["accuracy"]] for c in worst],
+                ),
+            )
+        )
+        confused = _confused_pairs(splits[focus], report["classes"])[:_CONFUSED]
+        sections.append(
+            _html.section(
+                f"Most confused ({focus})",
+                _html.table(["true class", "predicted as", "images"], confused),
+                _matrix(splits[focus], focus),
+            )
+        )
+    skipped = [
+        [channel, s["path"], s["reason"]]
+        for channel, data in report["data"].items()
+        for s in data["skipped"]
+    ]
+    sections.append(
+        _html.section(
+            "Data",
+            _html.table(
+                ["channel", "images used", "skipped"],
+                [[c, d["images"], len(d["skipped"])] for c, d in report["data"].items()],
+            ),
+            _html.table(["channel", "skipped file", "reason"], skipped) if skipped else "",
+        )
+    )
+    return _html.page("Evaluation report", *sections)
+
+
+def write_evaluation(directory: Path, report: Mapping[str, Any]) -> None:
+    _write(directory, EVALUATION_JSON, json.dumps(report, indent=1))
+    _write(directory, EVALUATION_HTML, _evaluation_html(report))
+
+
+# --- profile -----------------------------------------------------------------------------------
+
+
+def _phase_plot(epochs: Sequence[Mapping[str, Any]]) -> str:
+    fig = Figure(figsize=(10, 3.5))
+    time_ax, rate_ax = fig.subplots(1, 2)
+    labels = [e["epoch"] for e in epochs]
+    bottom = [0.0] * len(epochs)
+    for phase in PHASES:
+        values = [e["seconds"][phase] for e in epochs]
+        time_ax.bar(labels, values, bottom=bottom, label=phase)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    time_ax.set(title="Time per epoch", xlabel="epoch", ylabel="seconds")
+    time_ax.legend(fontsize="small")
+    rate_ax.plot(labels, [e["images_per_sec"] for e in epochs], marker="o")
+    rate_ax.set(title="Training throughput", xlabel="epoch", ylabel="images/s", ylim=(0, None))
+    return _html.figure(fig, "time split and throughput per epoch")
+
+
+def _usage_plot(samples: Sequence[Mapping[str, Any]]) -> str:
+    t = [s["t"] for s in samples]
+    fig = Figure(figsize=(10, 3.5))
+    util_ax, mem_ax = fig.subplots(1, 2)
+    util_ax.plot(t, [s["cpu_percent"] for s in samples], label="CPU %")
+    mem_ax.plot(t, [s["rss_mb"] for s in samples], label="job RSS MB")
+    if any(s["gpu_percent"] is not None for s in samples):
+        util_ax.plot(t, [s["gpu_percent"] or 0 for s in samples], label="GPU %")
+        mem_ax.plot(t, [s["gpu_memory_mb"] or 0 for s in samples], label="GPU memory MB")
+    util_ax.set(title="Utilisation", xlabel="seconds", ylim=(0, 105))
+    mem_ax.set(title="Memory", xlabel="seconds", ylabel="MB")
+    util_ax.legend()
+    mem_ax.legend()
+    return _html.figure(fig, "CPU, GPU and memory over time")
+
+
+def _profile_html(profile: Mapping[str, Any]) -> str:
+    epochs = profile["epochs"]
+    setup = _html.table(["setting", "value"], sorted(profile["setup"].items()))
+    rows = [
+        [e["epoch"], e["train_images"], e["images_per_sec"], e["wall_s"]]
+        + [e["seconds"][p] for p in PHASES]
+        for e in epochs
+    ]
+    sections = [
+        _html.section("Setup", setup),
+        _html.section(
+            "Epochs",
+            _phase_plot(epochs) if epochs else "",
+            _html.table(["epoch", "images", "images/s", "wall s", *PHASES], rows),
+        ),
+    ]
+    samples = profile["samples"]
+    if samples:
+        cpu = [s["cpu_percent"] for s in samples]
+        gpu = [s["gpu_percent"] for s in samples if s["gpu_percent"] is not None]
+        stats = [
+            ["mean CPU %", sum(cpu) / len(cpu)],
+            ["peak job RSS MB", max(s["rss_mb"] for s in samples)],
+        ]
+        if gpu:
+            stats.append(["mean GPU %", sum(gpu) / len(gpu)])
+        sections.append(
+            _html.section("Machine", _usage_plot(samples), _html.table(["", ""], stats))
+        )
+    return _html.page("Training profile", *sections)
+
+
+def write_profile(directory: Path, profile: Mapping[str, Any]) -> None:
+    _write(directory, PROFILE_JSON, json.dumps(profile, indent=1))
+    _write(directory, PROFILE_HTML, _profile_html(profile))
