@@ -81,7 +81,9 @@ def decode(source: bytes | Path, *, min_side: int | None = None) -> Image.Image:
     composited on white (what a viewer shows), not stripped to whatever colour hides under alpha.
     """
     try:
-        opened = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        # Reading the bytes first means no file handle outlives a failed decode.
+        data = source if isinstance(source, bytes) else source.read_bytes()
+        opened = Image.open(io.BytesIO(data))
         if min_side is not None and opened.format == "JPEG":
             opened.draft("RGB", (min_side, min_side))
         opened.load()

@@ -76,7 +76,14 @@ def load_backbone_weights(model: nn.Module, state_dict: Mapping[str, torch.Tenso
     Raises ArtifactError when the file is not weights for this architecture.
     """
     backbone = {k: v for k, v in state_dict.items() if not k.startswith(_HEAD_PREFIX)}
-    missing, unexpected = model.load_state_dict(backbone, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(backbone, strict=False)
+    except RuntimeError as exc:  # shapes that do not match
+        first = str(exc).splitlines()[1:2] or [str(exc)]
+        raise ArtifactError(
+            f"weights do not fit {type(model).__name__}: {first[0].strip()} (is it the right "
+            "architecture?)"
+        ) from exc
     missing = [k for k in missing if not k.startswith(_HEAD_PREFIX)]
     if missing or unexpected:
         raise ArtifactError(

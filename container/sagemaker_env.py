@@ -16,13 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 __all__ = [
     "BASE_DIR_ENV",
     "MAX_FAILURE_CHARS",
     "Channel",
     "ConfigFileError",
+    "HyperparameterSchema",
     "OptMl",
     "ResourceConfig",
     "decode_hyperparameter",
@@ -47,7 +48,18 @@ MAX_FAILURE_CHARS = 1024
 _INJECTED_PREFIX = "sagemaker_"
 _INJECTED_KEYS = frozenset({"_tuning_objective_metric"})
 
-ModelT = TypeVar("ModelT", bound=BaseModel)
+
+class HyperparameterSchema(BaseModel):
+    """Base of a job's hyperparameter schema: the lenient coercion of CONTRACT.md §1.3.
+
+    Pydantic's lax mode already reads "12" and 12.0 as 12 and "True"/"yes"/"1" as true; numbers
+    are also accepted where text is expected (a tuner may hand `123` for a name).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", coerce_numbers_to_str=True)
+
+
+SchemaT = TypeVar("SchemaT", bound=HyperparameterSchema)
 
 
 class ConfigFileError(Exception):
@@ -174,7 +186,7 @@ def decode_hyperparameter(raw: Any) -> Any:
         return raw
 
 
-def decode_hyperparameters(raw: Mapping[str, Any], schema: type[ModelT]) -> ModelT:
+def decode_hyperparameters(raw: Mapping[str, Any], schema: type[SchemaT]) -> SchemaT:
     """Validate decoded hyperparameters against `schema`.
 
     Keys injected by the SDK or the tuner are dropped, unknown keys are warned about and dropped
@@ -205,7 +217,7 @@ def decode_hyperparameters(raw: Mapping[str, Any], schema: type[ModelT]) -> Mode
         ) from exc
 
 
-def read_hyperparameters(opt_ml: OptMl, schema: type[ModelT]) -> ModelT:
+def read_hyperparameters(opt_ml: OptMl, schema: type[SchemaT]) -> SchemaT:
     """hyperparameters.json (absent means all defaults) decoded into `schema`."""
     path = opt_ml.hyperparameters_file
     raw = _read_json_object(path) if path.exists() else {}

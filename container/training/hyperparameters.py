@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import BeforeValidator, Field, model_validator
+
+from container.sagemaker_env import HyperparameterSchema
 
 __all__ = ["Arch", "Hyperparameters"]
 
@@ -21,10 +23,8 @@ Arch = Literal["resnet18", "resnet34", "resnet50"]
 _Choice = BeforeValidator(_lower)  # "SGD", "AdamW" and "Cosine" are what people type
 
 
-class Hyperparameters(BaseModel):
+class Hyperparameters(HyperparameterSchema):
     """Every knob of `train`; hyphens and underscores in names are interchangeable."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", coerce_numbers_to_str=True)
 
     arch: Annotated[Arch, _Choice] = Field(
         "resnet18", description="Backbone: resnet18, resnet34 or resnet50."

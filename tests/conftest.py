@@ -1,0 +1,131 @@
+"""Shared fixtures: a generated dataset, /opt/ml trees around it, and the real `train` process."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from container.sagemaker_env import OptMl
+from container.sample_data import SampleSpec, make_dataset
+from container.training.metrics import METRIC_DEFINITIONS
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "train"
+
+# Small and fast: 32 px images, two epochs, no download attempts, no worker processes.
+FAST: dict[str, Any] = {
+    "epochs": 2,
+    "batch_size": 8,
+    "image_size": 32,
+    "pretrained": False,
+    "workers": 0,
+    "warmup_epochs": 0,
+}
+
+
+@dataclass
+class TrainRun:
+    """A finished `train` process."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def metric_lines(self) -> list[str]:
+        return [line for line in self.stdout.splitlines() if line.endswith(";")]
+
+    def metric(self, name: str) -> list[float]:
+        """Every value the SageMaker regex for `name` scrapes from the log, in order."""
+        regex = next(d["Regex"] for d in METRIC_DEFINITIONS if d["Name"] == name)
+        log = self.stdout + self.stderr
+        return [float(m) for line in log.splitlines() for m in re.findall(regex, line)[:1]]
+
+
+@dataclass
+class Job:
+    """An /opt/ml tree for one training job, and ways to run `train` on it."""
+
+    opt_ml: OptMl
+
+    @property
+    def base(self) -> Path:
+        return self.opt_ml.base
+
+    def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        env = {**os.environ, "SAGEMAKER_BASE_DIR": str(self.base), "PYTHONUNBUFFERED": "1"}
+        env.pop("SMDEBUG_CONFIG_FILE_PATH", None)
+        env["MASTER_PORT"] = str(_free_port())
+        return {**env, **(extra or {})}
+
+    def write_config(self, name: str, content: Any) -> None:
+        path = self.opt_ml.config_dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content if isinstance(content, str) else json.dumps(content))
+
+    def set_hyperparameters(self, values: Mapping[str, Any], **changes: Any) -> None:
+        """Written as SageMaker writes them: every value a string."""
+        merged = {**values, **changes}
+        self.write_config("hyperparameters.json", {k: str(v) for k, v in merged.items()})
+
+    def set_channels(self, *names: str, **specs: Mapping[str, str]) -> None:
+        config = {name: {"TrainingInputMode": "File"} for name in names}
+        self.write_config("inputdataconfig.json", {**config, **specs})
+
+    def start(self, extra_env: Mapping[str, str] | None = None) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, str(TRAIN)],
+            env=self.env(extra_env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=self.base,
+        )
+
+    def run(self, extra_env: Mapping[str, str] | None = None, timeout: float = 300) -> TrainRun:
+        process = self.start(extra_env)
+        stdout, stderr = process.communicate(timeout=timeout)
+        return TrainRun(process.returncode, stdout, stderr)
+
+    def failure(self) -> str | None:
+        path = self.opt_ml.failure_file
+        return path.read_text() if path.exists() else None
+
+    def meta(self) -> dict[str, Any]:
+        return json.loads((self.opt_ml.model_dir / "model_meta.json").read_text())
+
+    def report(self, name: str) -> dict[str, Any]:
+        return json.loads((self.opt_ml.output_data_dir / name).read_text())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 learnable classes; train has one truncated JPEG; 1 in 5 images is a PNG."""
+    return make_dataset(tmp_path_factory.mktemp("dataset"), SampleSpec())
+
+
+@pytest.fixture
+def job(tmp_path: Path, dataset: Path) -> Job:
+    """A training job on a private copy of the dataset with train/valid/test channels."""
+    job = Job(OptMl(tmp_path / "opt_ml"))
+    shutil.copytree(dataset, job.opt_ml.data_dir)
+    job.set_channels("train", "valid", "test")
+    job.set_hyperparameters(FAST)
+    return job
