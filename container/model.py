@@ -33,6 +33,7 @@ __all__ = [
     "WEIGHTS_FILE",
     "Artifact",
     "ArtifactError",
+    "backbone",
     "build",
     "class_name",
     "load_artifact",
@@ -68,6 +69,12 @@ def class_name(folder: str) -> str:
 def build(arch: str, num_classes: int) -> models.ResNet:
     """A randomly initialised network with a `num_classes` head."""
     return ARCHITECTURES[arch](weights=None, num_classes=num_classes)
+
+
+def backbone(model: models.ResNet) -> nn.Module:
+    """The network up to its pooled features: the same modules (shared weights) minus the head."""
+    layers = [module for name, module in model.named_children() if name != "fc"]
+    return nn.Sequential(*layers, nn.Flatten())
 
 
 def load_backbone_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:

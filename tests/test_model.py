@@ -11,6 +11,7 @@ import torch
 from container.images import Preprocessing
 from container.model import (
     ArtifactError,
+    backbone,
     build,
     class_name,
     load_artifact,
@@ -107,3 +108,11 @@ def test_backbone_weights_skip_the_head_and_refuse_other_architectures() -> None
     assert model.fc.out_features == 5
     with pytest.raises(ArtifactError, match="right architecture"):
         load_backbone_weights(build("resnet50", 5), imagenet_like)
+
+
+def test_backbone_features_through_the_head_are_the_model() -> None:
+    model = build("resnet18", 4).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.fc(backbone(model)(images)), model(images))
+    assert backbone(model)[0] is model.conv1  # shared, not copied

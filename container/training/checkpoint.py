@@ -10,10 +10,11 @@ Only plain containers and tensors are stored, so it loads with `weights_only=Tru
 from __future__ import annotations
 
 import errno
-import logging
+import io
 import os
 import pickle
 import random
+import shutil
 from pathlib import Path
 from typing import Any, cast
 
@@ -24,7 +25,6 @@ from container.training.errors import ResourceError, TrainingError
 
 __all__ = ["CHECKPOINT_FILE", "load_checkpoint", "restore_rng", "rng_state", "save_checkpoint"]
 
-logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "last.pt"
 FORMAT_VERSION = 1
@@ -54,28 +54,36 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(directory: Path, state: dict[str, Any]) -> Path:
-    """Write `state` to directory/last.pt atomically; ResourceError when the disk is full."""
+    """Write `state` to directory/last.pt atomically; ResourceError when the disk is too full.
+
+    The state is serialised in memory first, so the free space can be checked against its real
+    size and a failed write surfaces as an OSError with its errno (torch.save's own file writer
+    reports a full disk as an opaque "unexpected pos" RuntimeError).
+    """
+    buffer = io.BytesIO()
+    torch.save({"format_version": FORMAT_VERSION, **state}, buffer)
+    data = buffer.getbuffer()
     path = directory / CHECKPOINT_FILE
     tmp = directory / f".{CHECKPOINT_FILE}.tmp"
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        torch.save({"format_version": FORMAT_VERSION, **state}, tmp)
+        free = shutil.disk_usage(directory).free
+        if free < len(data):
+            raise OSError(errno.ENOSPC, "not enough space")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         if exc.errno in _NO_SPACE:
             raise ResourceError(
-                f"no space left for checkpoints in {directory}: free space there, or raise the "
-                "job's VolumeSizeInGB"
+                f"no space left for checkpoints in {directory}: a checkpoint needs "
+                f"{len(data) / 2**20:.0f} MB, {shutil.disk_usage(directory).free / 2**20:.0f} MB "
+                "are free; free space there or raise the job's VolumeSizeInGB"
             ) from exc
         raise ResourceError(f"cannot write checkpoint {path}: {exc.strerror}") from exc
-    except RuntimeError as exc:
-        # torch.save reports a failed write of its zip stream as RuntimeError, ENOSPC included.
-        tmp.unlink(missing_ok=True)
-        raise ResourceError(
-            f"cannot write checkpoint {path} ({exc}); if the disk is full, free space there or "
-            "raise the job's VolumeSizeInGB"
-        ) from exc
     return path
 
 

@@ -275,15 +275,6 @@ def build_splits(
     for name, by_class in found.files.items():
         total = len(_all_files(by_class))
         skipped = bad.get(name, [])
-        if skipped:
-            logger.warning(
-                "Channel %s: skipping %d unreadable image(s) of %d, e.g. %s (%s)",
-                name,
-                len(skipped),
-                total,
-                skipped[0].path,
-                skipped[0].reason,
-            )
         if len(skipped) > max_bad * total:
             listed = ", ".join(b.path for b in skipped[:5])
             raise DataError(

@@ -29,7 +29,17 @@ from torch.multiprocessing.spawn import (
 from container.sagemaker_env import ResourceConfig
 from container.training.errors import ConfigError
 
-__all__ = ["Rank", "World", "all_reduce_sum", "any_true", "broadcast_object", "plan_world", "run"]
+__all__ = [
+    "Rank",
+    "World",
+    "all_reduce_sum",
+    "any_true",
+    "broadcast_object",
+    "join",
+    "leave",
+    "plan_world",
+    "run",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +59,20 @@ class World:
     master_addr: str
     master_port: int
     backend: str
+    interface: str | None = None
 
     @property
     def size(self) -> int:
         return len(self.hosts) * self.processes_per_host
+
+    def rank(self, local_rank: int) -> Rank:
+        """The place of this host's `local_rank`-th process."""
+        return Rank(
+            rank=self.host_rank * self.processes_per_host + local_rank,
+            local_rank=local_rank,
+            world_size=self.size,
+            local_world_size=self.processes_per_host,
+        )
 
 
 @dataclass(frozen=True)
@@ -92,9 +112,11 @@ def plan_world(
         hosts=resources.hosts,
         host_rank=resources.host_rank,
         processes_per_host=per_host,
-        master_addr=resources.master_host,
+        # One host: every process is local, whatever the host is called.
+        master_addr=resources.master_host if len(resources.hosts) > 1 else "127.0.0.1",
         master_port=master_port,
         backend="nccl" if gpus else "gloo",
+        interface=resources.network_interface_name,
     )
 
 
@@ -112,14 +134,14 @@ def _resolve(host: str, timeout_s: float) -> str:
             time.sleep(1.0)
 
 
-def _init(world: World, local_rank: int) -> Rank:
-    rank = Rank(
-        rank=world.host_rank * world.processes_per_host + local_rank,
-        local_rank=local_rank,
-        world_size=world.size,
-        local_world_size=world.processes_per_host,
-    )
+def join(world: World, rank: Rank) -> None:
+    """Join the job's process group (nothing to do for a single process)."""
     if rank.distributed:
+        if world.interface:
+            # NCCL and gloo take the network interface only from the environment; SageMaker
+            # names it in resourceconfig.json (eth0), and other interfaces may not route.
+            for name in ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME"):
+                os.environ.setdefault(name, world.interface)
         address = _resolve(world.master_addr, _RESOLVE_TIMEOUT_S)
         logger.info(
             "Joining %s process group as rank %d/%d via %s:%d",
@@ -136,35 +158,30 @@ def _init(world: World, local_rank: int) -> Rank:
             world_size=rank.world_size,
             timeout=_INIT_TIMEOUT,
         )
-    return rank
 
 
-def _child(local_rank: int, world: World, main: Callable[[Rank], int]) -> None:
-    code = _run_rank(world, local_rank, main)
+def leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _child(local_rank: int, main: Callable[[int], int]) -> None:
+    code = main(local_rank)
     if code:
         raise SystemExit(code)
 
 
-def _run_rank(world: World, local_rank: int, main: Callable[[Rank], int]) -> int:
-    rank = _init(world, local_rank)
-    try:
-        return main(rank)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def run(world: World, main: Callable[[Rank], int]) -> int:
-    """Run `main` in every process of this host and return the host's exit code.
+def run(world: World, main: Callable[[int], int]) -> int:
+    """Run `main(local_rank)` in every process of this host; return the host's exit code.
 
     A single process runs in place. Several are spawned; SIGTERM on the parent is forwarded to
     them (each stops cleanly) and the parent exits with the first non-zero code.
     """
     if world.processes_per_host == 1:
-        return _run_rank(world, 0, main)
+        return main(0)
     context = start_processes(  # type: ignore[no-untyped-call]
         _child,
-        args=(world, main),
+        args=(main,),
         nprocs=world.processes_per_host,
         join=False,
         start_method="spawn",

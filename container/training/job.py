@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, Te
 from torchvision.models import ResNet
 
 from container.images import Preprocessing, normalize
-from container.model import build, load_backbone_weights, save_artifact
+from container.model import backbone, build, load_backbone_weights, save_artifact
 from container.sagemaker_env import write_failure
 from container.training import distributed, metrics
 from container.training.checkpoint import (
@@ -220,18 +220,12 @@ def _wrap(module: nn.Module, parts: Parts) -> nn.Module:
     return DistributedDataParallel(module, device_ids=devices)
 
 
-def _backbone(model: ResNet) -> nn.Module:
-    """The model up to its pooled features: the same modules (shared weights), minus the head."""
-    layers = [module for name, module in model.named_children() if name != "fc"]
-    return nn.Sequential(*layers, nn.Flatten())
-
-
 def _gather_features(
     parts: Parts, dataset: ImageFolderDataset
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Backbone features of a whole set, each process computing its share."""
     features, labels = extract_features(
-        _backbone(parts.model), _eval_loader(parts, dataset), _prepare_images(parts), parts.hw
+        backbone(parts.model), _eval_loader(parts, dataset), _prepare_images(parts), parts.hw
     )
     if not parts.rank.distributed:
         return features, labels
@@ -470,6 +464,15 @@ def _build(settings: TrainSettings, rank: Rank) -> Parts:
         len(splits.class_folders),
         ", ".join(f"{s.channel}: {len(s.samples)} images" for s in splits.sets),
     )
+    for image_set in splits.sets:
+        if image_set.bad and rank.is_main:
+            logger.warning(
+                "Channel %s: skipping %d unreadable image(s), e.g. %s (%s)",
+                image_set.channel,
+                len(image_set.bad),
+                image_set.bad[0].path,
+                image_set.bad[0].reason,
+            )
 
     _seed(hp.seed)
     model = build(hp.arch, len(splits.class_folders))
@@ -538,6 +541,14 @@ def _train(parts: Parts, state: RunState, stop: StopRequest) -> bool:
                 logger.info("Cached backbone features for the frozen epochs")
             if state.epoch >= hp.frozen_epochs:
                 cache = None
+            logger.info(
+                "Epoch %d/%d: %d steps%s%s",
+                state.epoch + 1,
+                hp.epochs,
+                parts.steps_per_epoch,
+                f" from step {state.step}" if state.step else "",
+                ", backbone frozen" if state.epoch < hp.frozen_epochs else "",
+            )
             stats, result = _epoch(parts, state, stop, hook, cache)
             if result is None:
                 return False
@@ -658,12 +669,14 @@ def configure_logging(rank: Rank) -> None:
     )
 
 
-def run_process(settings: TrainSettings, rank: Rank) -> int:
+def run_process(settings: TrainSettings, local_rank: int) -> int:
     """One training process: run the job, report a failure (rank 0), return the exit code."""
+    rank = settings.world.rank(local_rank)
     configure_logging(rank)
     stop = StopRequest()
     stop.install()
     try:
+        distributed.join(settings.world, rank)
         _run(settings, rank, stop)
     except Exception as exc:
         if isinstance(exc, TrainingError):
@@ -673,4 +686,6 @@ def run_process(settings: TrainSettings, rank: Rank) -> int:
         if rank.is_main:
             write_failure(settings.opt_ml, _failure_text(exc))
         return 1
+    finally:
+        distributed.leave()
     return 0
