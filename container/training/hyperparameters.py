@@ -6,7 +6,8 @@ parses, lenient coercion); this schema is the single source for the README's tab
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BeforeValidator, Field, model_validator
 
@@ -102,3 +103,34 @@ class Hyperparameters(HyperparameterSchema):
             if isinstance(value, int) and value < (0 if name == "workers" else 1):
                 raise ValueError(f"{name}={value} is out of range")
         return self
+
+
+def _type_name(annotation: Any) -> str:
+    """`int`, `one of sgd, adamw`, `int or auto`, `str or none`: readable in a Markdown cell."""
+    if get_origin(annotation) is Annotated:
+        return _type_name(get_args(annotation)[0])
+    if get_origin(annotation) is Literal:
+        return "one of " + ", ".join(str(v) for v in get_args(annotation))
+    if get_origin(annotation) in (Union, UnionType):
+        return " or ".join(
+            "none" if a is type(None) else ", ".join(map(str, get_args(a)))
+            if get_origin(a) is Literal
+            else _type_name(a)
+            for a in get_args(annotation)
+        )
+    return str(getattr(annotation, "__name__", annotation))
+
+
+def markdown_table() -> str:
+    """The README's hyperparameter table, rendered from this schema (`python -m` prints it)."""
+    rows = ["| name | type | default | meaning |", "|---|---|---|---|"]
+    for name, info in Hyperparameters.model_fields.items():
+        default = "none" if info.default is None else str(info.default).lower()
+        rows.append(
+            f"| `{name}` | {_type_name(info.annotation)} | `{default}` | {info.description} |"
+        )
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -29,7 +29,13 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, Te
 from torchvision.models import ResNet
 
 from container.images import Preprocessing, normalize
-from container.model import backbone, build, load_backbone_weights, save_artifact
+from container.model import (
+    ArtifactError,
+    backbone,
+    build,
+    load_backbone_weights,
+    save_artifact,
+)
 from container.sagemaker_env import write_failure
 from container.training import distributed, metrics
 from container.training.checkpoint import (
@@ -47,7 +53,7 @@ from container.training.data import (
 )
 from container.training.debugger import DebugHook, create_hook
 from container.training.distributed import Rank
-from container.training.errors import ConfigError, TrainingError
+from container.training.errors import ConfigError, TrainingError, WeightsError
 from container.training.hardware import Hardware, describe_cuda, plan_hardware
 from container.training.loop import (
     EpochStats,
@@ -485,7 +491,10 @@ def _build(settings: TrainSettings, rank: Rank) -> Parts:
             settings.hub_dir,
             settings.scratch_dir,
         )
-        load_backbone_weights(model, source.state_dict)
+        try:
+            load_backbone_weights(model, source.state_dict)
+        except ArtifactError as exc:
+            raise WeightsError(f"{source.origin}: {exc}") from exc
         pretrained_from = source.origin
     logger.info("Starting weights: %s", pretrained_from)
     memory_format = torch.channels_last if hp.channels_last else torch.preserve_format

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from container.model import build, load_artifact
 from container.training.checkpoint import CHECKPOINT_FILE
@@ -146,3 +147,23 @@ def test_frozen_backbone_with_fixed_inputs_trains_the_head_on_cached_features(jo
     changed = {k for k in initial if not torch.equal(initial[k], trained[k])}
     # Only the head learned; the backbone, BatchNorm statistics included, is as initialised.
     assert changed == {"fc.weight", "fc.bias"}
+
+
+def test_tensorboard_scalars_when_configured(job: Job) -> None:
+    board = job.opt_ml.output_dir / "tensorboard"
+    job.write_config(
+        "tensorboardoutputconfig.json",
+        {"LocalPath": "/opt/ml/output/tensorboard", "S3OutputPath": "s3://bucket/tb"},
+    )
+    run = job.run()
+    assert run.returncode == 0, run.stderr
+    events = EventAccumulator(str(board))
+    events.Reload()
+    assert {"train_loss", "val_loss", "val_acc", "lr"} <= set(events.Tags()["scalars"])
+    val_acc = [(e.step, round(e.value, 6)) for e in events.Scalars("val_acc")]
+    assert val_acc == [(n, v) for n, v in zip((1, 2), run.metric("val_acc"), strict=False)]
+
+
+def test_no_tensorboard_without_its_config(job: Job) -> None:
+    assert job.run().returncode == 0
+    assert not (job.opt_ml.output_dir / "tensorboard").exists()

@@ -1,0 +1,13 @@
+"""The README's facts that come from code stay in step with the code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from container.training.hyperparameters import markdown_table
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_hyperparameter_table_matches_the_schema() -> None:
+    assert markdown_table() in README.read_text()
