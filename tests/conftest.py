@@ -8,7 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,9 +81,12 @@ class Job:
         config = {name: {"TrainingInputMode": "File"} for name in names}
         self.write_config("inputdataconfig.json", {**config, **specs})
 
-    def start(self, extra_env: Mapping[str, str] | None = None) -> subprocess.Popen[str]:
+    def start(
+        self, extra_env: Mapping[str, str] | None = None, wrapper: Sequence[str] = ()
+    ) -> subprocess.Popen[str]:
+        """Start `train`; `wrapper` is a command line that runs it (e.g. in another namespace)."""
         return subprocess.Popen(
-            [sys.executable, str(TRAIN)],
+            [*wrapper, sys.executable, str(TRAIN)],
             env=self.env(extra_env),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -91,8 +94,13 @@ class Job:
             cwd=self.base,
         )
 
-    def run(self, extra_env: Mapping[str, str] | None = None, timeout: float = 300) -> TrainRun:
-        process = self.start(extra_env)
+    def run(
+        self,
+        extra_env: Mapping[str, str] | None = None,
+        timeout: float = 300,
+        wrapper: Sequence[str] = (),
+    ) -> TrainRun:
+        process = self.start(extra_env, wrapper)
         stdout, stderr = process.communicate(timeout=timeout)
         return TrainRun(process.returncode, stdout, stderr)
 

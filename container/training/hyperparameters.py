@@ -113,7 +113,9 @@ def _type_name(annotation: Any) -> str:
         return "one of " + ", ".join(str(v) for v in get_args(annotation))
     if get_origin(annotation) in (Union, UnionType):
         return " or ".join(
-            "none" if a is type(None) else ", ".join(map(str, get_args(a)))
+            "none"
+            if a is type(None)
+            else ", ".join(map(str, get_args(a)))
             if get_origin(a) is Literal
             else _type_name(a)
             for a in get_args(annotation)

@@ -7,7 +7,6 @@ error into /opt/ml/output/failure and an exit code, on rank 0 only.
 from __future__ import annotations
 
 import logging
-import math
 import platform
 import random
 import signal
@@ -25,7 +24,7 @@ import torch
 import torchvision
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 from torchvision.models import ResNet
 
 from container.images import Preprocessing, normalize
@@ -55,6 +54,13 @@ from container.training.debugger import DebugHook, create_hook
 from container.training.distributed import Rank
 from container.training.errors import ConfigError, TrainingError, WeightsError
 from container.training.hardware import Hardware, describe_cuda, plan_hardware
+from container.training.loader import (
+    Batch,
+    LoaderSettings,
+    eval_batches,
+    steps_per_epoch,
+    train_batches,
+)
 from container.training.loop import (
     EpochStats,
     EvalResult,
@@ -71,8 +77,6 @@ from container.training.settings import TrainSettings
 __all__ = ["run_process"]
 
 logger = logging.getLogger(__name__)
-
-Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 class StopRequest:
@@ -138,60 +142,21 @@ class Parts:
 # --- data loading -------------------------------------------------------------------------------
 
 
-def _drop_last(samples: int, rank: Rank, batch_size: int) -> bool:
-    # A last batch of one image breaks BatchNorm in training mode; drop it rather than crash.
-    return math.ceil(samples / rank.world_size) % batch_size == 1
-
-
-def _train_batches(
-    parts: Parts, dataset: Dataset[Any], epoch: int, start_step: int
-) -> Iterator[Batch]:
-    """The epoch's batches from `start_step` on, in the order a fresh epoch would have them.
-
-    The order depends only on (seed, epoch), so a resumed epoch skips exactly the steps already
-    done. If a loader worker dies (usually a full /dev/shm) the epoch goes on without workers.
-    """
-    hp, rank = parts.settings.hp, parts.rank
-    size = len(dataset)  # type: ignore[arg-type]
-    drop_last = _drop_last(size, rank, hp.batch_size)
-    workers = parts.hw.workers if isinstance(dataset, ImageFolderDataset) else 0
-    done = start_step
-    while True:
-        sampler: DistributedSampler[Any] = DistributedSampler(
-            dataset, num_replicas=rank.world_size, rank=rank.rank, shuffle=True, seed=hp.seed
-        )
-        sampler.set_epoch(epoch)
-        indices = list(sampler)[done * hp.batch_size :]
-        loader = DataLoader(
-            Subset(dataset, indices),
-            batch_size=hp.batch_size,
-            num_workers=workers,
-            pin_memory=parts.hw.device.type == "cuda",
-            drop_last=drop_last,
-            generator=torch.Generator().manual_seed(hp.seed * 100_003 + epoch),
-        )
-        try:
-            for batch in loader:
-                yield batch
-                done += 1
-            return
-        except RuntimeError as exc:
-            if workers == 0 or "DataLoader worker" not in str(exc):
-                raise
-            logger.warning("%s; continuing this epoch without loader workers", exc)
-            workers = 0
-
-
-def _eval_loader(parts: Parts, dataset: Dataset[Any]) -> DataLoader[Any]:
-    """Each process evaluates every world_size-th item: no padding, so metrics are exact."""
-    rank = parts.rank
-    shard = Subset(dataset, range(rank.rank, len(dataset), rank.world_size))  # type: ignore[arg-type]
-    return DataLoader(
-        shard,
-        batch_size=parts.settings.hp.batch_size * 2,
-        num_workers=parts.hw.workers if isinstance(dataset, ImageFolderDataset) else 0,
+def _loading(parts: Parts, dataset: Dataset[Any], evaluation: bool = False) -> LoaderSettings:
+    hp = parts.settings.hp
+    return LoaderSettings(
+        # Evaluation keeps no activations for backward: twice the batch fits.
+        batch_size=hp.batch_size * (2 if evaluation else 1),
+        # Cached features are tensors in memory: workers would only add copies.
+        workers=parts.hw.workers if isinstance(dataset, ImageFolderDataset) else 0,
         pin_memory=parts.hw.device.type == "cuda",
+        seed=hp.seed,
+        rank=parts.rank,
     )
+
+
+def _evaluation_batches(parts: Parts, dataset: Dataset[Any]) -> Iterator[Batch]:
+    return eval_batches(dataset, _loading(parts, dataset, evaluation=True))
 
 
 def _images(parts: Parts, channel: str, augment: bool) -> ImageFolderDataset:
@@ -231,7 +196,7 @@ def _gather_features(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Backbone features of a whole set, each process computing its share."""
     features, labels = extract_features(
-        backbone(parts.model), _eval_loader(parts, dataset), _prepare_images(parts), parts.hw
+        backbone(parts.model), _evaluation_batches(parts, dataset), _prepare_images(parts), parts.hw
     )
     if not parts.rank.distributed:
         return features, labels
@@ -281,7 +246,7 @@ def _epoch(
         hook.set_mode(training=True)
     stats = train_one_epoch(
         module,
-        _train_batches(parts, train_set, state.epoch, state.step),
+        train_batches(train_set, _loading(parts, train_set), state.epoch, state.step),
         prepare,
         criterion=parts.criterion,
         optimizer=parts.optimizer,
@@ -303,7 +268,7 @@ def _epoch(
     with parts.profiler.phase("evaluation"):
         result = evaluate(
             trained,
-            _eval_loader(parts, valid_set),
+            _evaluation_batches(parts, valid_set),
             prepare,
             criterion=parts.criterion,
             num_classes=len(parts.splits.class_folders),
@@ -408,7 +373,7 @@ def _final_evaluation(parts: Parts, state: RunState) -> dict[str, EvalResult]:
     for image_set in parts.splits.sets[1:]:
         results[image_set.channel] = evaluate(
             parts.model,
-            _eval_loader(parts, _images(parts, image_set.channel, False)),
+            _evaluation_batches(parts, _images(parts, image_set.channel, False)),
             _prepare_images(parts),
             criterion=parts.criterion,
             num_classes=len(parts.splits.class_folders),
@@ -500,11 +465,10 @@ def _build(settings: TrainSettings, rank: Rank) -> Parts:
     memory_format = torch.channels_last if hp.channels_last else torch.preserve_format
     model = model.to(hw.device, memory_format=memory_format)
 
-    per_rank = math.ceil(len(splits.train.samples) / rank.world_size)
-    if _drop_last(len(splits.train.samples), rank, hp.batch_size):
-        steps = per_rank // hp.batch_size
-    else:
-        steps = math.ceil(per_rank / hp.batch_size)
+    steps = steps_per_epoch(
+        len(splits.train.samples),
+        LoaderSettings(hp.batch_size, hw.workers, pin_memory=False, seed=hp.seed, rank=rank),
+    )
     optimizer = build_optimizer(model, hp)
     return Parts(
         settings=settings,

@@ -1,0 +1,48 @@
+"""Loader workers: sized from /dev/shm, and a dead worker does not end the job."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import psutil
+
+from tests.conftest import FAST, Job
+
+# Docker's default /dev/shm is 64 MB; this is smaller still, in a mount namespace of its own.
+SMALL_SHM = [
+    "unshare",
+    "--mount",
+    "sh",
+    "-c",
+    'mount -t tmpfs -o size=4m tmpfs /dev/shm && exec "$@"',
+    "-",
+]
+
+
+def test_small_shared_memory_means_fewer_workers_not_a_bus_error(job: Job) -> None:
+    # 224 px batches of 8 are 1.2 MB of uint8; two in flight per worker do not fit in half of 4 MB.
+    job.set_hyperparameters(FAST, image_size=224, workers=2, epochs=1)
+    run = job.run(wrapper=SMALL_SHM)
+    assert run.returncode == 0, run.stderr
+    assert "/dev/shm has 4 MB free, enough for 0 of 2 loader workers; using 0" in run.stderr
+    assert job.report("profile.json")["setup"]["loader_workers"] == 0
+
+
+def test_a_killed_loader_worker_does_not_end_the_epoch(job: Job) -> None:
+    job.set_hyperparameters(FAST, image_size=64, batch_size=2, workers=2, epochs=2)
+    process = job.start()
+    assert process.stderr is not None
+    for line in process.stderr:
+        if "Epoch 1/2" in line:
+            break
+    parent = psutil.Process(process.pid)
+    deadline = time.monotonic() + 60
+    while not (workers := parent.children()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    workers[0].send_signal(signal.SIGKILL)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    assert "continuing this epoch without loader workers" in stderr
+    assert job.report("profile.json")["epochs"][0]["train_images"] == 64
+    assert [line.split()[0] for line in stdout.splitlines()][:2] == ["epoch=1", "epoch=2"]
