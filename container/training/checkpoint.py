@@ -21,9 +21,16 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from container.training.errors import ResourceError, TrainingError
+from container.training.errors import ConfigError, ResourceError, TrainingError
+from container.training.state import Best, Parts, RunState
 
-__all__ = ["CHECKPOINT_FILE", "load_checkpoint", "restore_rng", "rng_state", "save_checkpoint"]
+__all__ = [
+    "CHECKPOINT_FILE",
+    "load_checkpoint",
+    "restore",
+    "save_checkpoint",
+    "snapshot",
+]
 
 
 CHECKPOINT_FILE = "last.pt"
@@ -31,7 +38,7 @@ FORMAT_VERSION = 1
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
-def rng_state() -> dict[str, Any]:
+def _rng_state() -> dict[str, Any]:
     """Python, NumPy, torch and CUDA generator states as weights_only-loadable values."""
     kind, keys, pos, has_gauss, gauss = cast(
         tuple[str, np.ndarray, int, int, float], np.random.get_state(legacy=True)
@@ -44,7 +51,7 @@ def rng_state() -> dict[str, Any]:
     }
 
 
-def restore_rng(state: dict[str, Any]) -> None:
+def _restore_rng(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
@@ -105,3 +112,53 @@ def load_checkpoint(directory: Path) -> dict[str, Any] | None:
             f"{FORMAT_VERSION}; delete it to start over"
         )
     return state
+
+
+def snapshot(parts: Parts, state: RunState) -> dict[str, Any]:
+    """Everything a resumed run needs, as plain containers and tensors."""
+    best = state.best
+    return {
+        "epoch": state.epoch,
+        "step": state.step,
+        "model": parts.model.state_dict(),
+        "optimizer": parts.optimizer.state_dict(),
+        "scheduler": parts.scheduler.state_dict(),
+        "scaler": parts.scaler.state_dict(),
+        "best": None
+        if best is None
+        else {"epoch": best.epoch, "val_acc": best.val_acc, "state_dict": best.state_dict},
+        "history": state.history,
+        "rng": _rng_state(),
+        "classes": parts.splits.class_folders,
+        "arch": parts.settings.hp.arch,
+        "image_size": parts.settings.hp.image_size,
+    }
+
+
+def restore(parts: Parts, checkpoint: dict[str, Any]) -> RunState:
+    """Put a checkpoint's state into `parts` and return the run's progress."""
+    hp = parts.settings.hp
+    path = parts.settings.checkpoint_dir
+    for key, ours in (
+        ("classes", parts.splits.class_folders),
+        ("arch", hp.arch),
+        ("image_size", hp.image_size),
+    ):
+        theirs = checkpoint[key]
+        if (tuple(theirs) if isinstance(theirs, list | tuple) else theirs) != ours:
+            raise ConfigError(
+                f"the checkpoint in {path} was written for a different {key} ({str(theirs)[:80]}); "
+                "point checkpoint_s3_uri at a new prefix or delete the old checkpoint"
+            )
+    parts.model.load_state_dict(checkpoint["model"])
+    parts.optimizer.load_state_dict(checkpoint["optimizer"])
+    parts.scheduler.load_state_dict(checkpoint["scheduler"])
+    parts.scaler.load_state_dict(checkpoint["scaler"])
+    _restore_rng(checkpoint["rng"])
+    best = checkpoint["best"]
+    return RunState(
+        epoch=checkpoint["epoch"],
+        step=checkpoint["step"],
+        best=None if best is None else Best(best["epoch"], best["val_acc"], best["state_dict"]),
+        history=list(checkpoint["history"]),
+    )

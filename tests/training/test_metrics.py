@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -60,3 +62,9 @@ def test_unknown_names_are_refused() -> None:
 
 def test_every_name_has_a_definition() -> None:
     assert [d["Name"] for d in METRIC_DEFINITIONS] == list(METRIC_NAMES)
+
+
+def test_the_regexes_import_without_torch() -> None:
+    """`launch` (host side, no torch) imports METRIC_DEFINITIONS from the training package."""
+    code = "import sys, container.training; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
