@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +114,21 @@ class Job:
 
     def report(self, name: str) -> dict[str, Any]:
         return json.loads((self.opt_ml.output_data_dir / name).read_text())
+
+
+def wait_for_line(process: subprocess.Popen[str], text: str, timeout: float = 120) -> str:
+    """Read the process's stderr up to a line containing `text`; return what was read."""
+    assert process.stderr is not None
+    seen = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = process.stderr.readline()
+        if not line:
+            raise AssertionError(f"train exited before printing {text!r}:\n{''.join(seen)}")
+        seen.append(line)
+        if text in line:
+            return "".join(seen)
+    raise AssertionError(f"no {text!r} within {timeout} s")
 
 
 def _free_port() -> int:

@@ -26,6 +26,12 @@ def _channels(data: Path, *names: str, **overrides: Channel) -> dict[str, Channe
     return {**channels, **overrides}
 
 
+@pytest.fixture
+def data(dataset: Path, tmp_path: Path) -> Path:
+    """A private copy of the sample dataset, to break."""
+    return Path(shutil.copytree(dataset, tmp_path / "data"))
+
+
 def _load(channels: dict[str, Channel], scratch: Path, max_bad: float = 0.05) -> DatasetSplits:
     found = find_images(channels, scratch)
     return build_splits(found, probe_images(found, threads=2), max_bad)
@@ -54,9 +60,7 @@ def test_test_channel_is_optional(dataset: Path, tmp_path: Path) -> None:
     assert [s.channel for s in splits.sets] == ["train", "valid"]
 
 
-def test_class_indices_come_from_train(dataset: Path, tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    shutil.copytree(dataset, data)
+def test_class_indices_come_from_train(data: Path, tmp_path: Path) -> None:
     shutil.rmtree(data / "valid" / "001.Affenpinscher")  # valid lacks the first class
     splits = _load(_channels(data, "train", "valid"), tmp_path / "scratch")
     labels = {label for _, label in splits.valid.samples}
@@ -65,9 +69,7 @@ def test_class_indices_come_from_train(dataset: Path, tmp_path: Path) -> None:
         assert Path(path).parent.name == splits.class_folders[label]
 
 
-def test_class_missing_from_train_is_an_error(dataset: Path, tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    shutil.copytree(dataset, data)
+def test_class_missing_from_train_is_an_error(data: Path, tmp_path: Path) -> None:
     shutil.copytree(data / "valid" / "004.Akita", data / "valid" / "099.Stray_dog")
     with pytest.raises(DataError, match=r"'valid' has class folders that 'train' lacks: 099"):
         find_images(_channels(data, "train", "valid"), tmp_path / "scratch")
@@ -130,9 +132,7 @@ def test_corrupt_archive(tmp_path: Path, dataset: Path) -> None:
         find_images(_channels(data, "train", "valid"), tmp_path / "scratch")
 
 
-def test_too_many_unreadable_images_fail_and_name_files(dataset: Path, tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    shutil.copytree(dataset, data)
+def test_too_many_unreadable_images_fail_and_name_files(data: Path, tmp_path: Path) -> None:
     for n in range(5):
         (data / "train" / "004.Akita" / f"zero_{n}.jpg").write_bytes(b"")
     with pytest.raises(DataError) as info:
@@ -144,9 +144,7 @@ def test_too_many_unreadable_images_fail_and_name_files(dataset: Path, tmp_path:
     assert len(_load(_channels(data, "train", "valid"), tmp_path / "s2", 0.1).train.bad) == 6
 
 
-def test_manifest_files_and_unknown_channels_are_ignored(dataset: Path, tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    shutil.copytree(dataset, data)
+def test_manifest_files_and_unknown_channels_are_ignored(data: Path, tmp_path: Path) -> None:
     (data / "train-manifest").write_text("s3://bucket/prefix/")
     channels = _channels(data, "train", "valid", "extras")
     assert len(_load(channels, tmp_path / "scratch").train.samples) == 64
@@ -166,9 +164,7 @@ def test_manifest_files_and_unknown_channels_are_ignored(dataset: Path, tmp_path
         ),
     ],
 )
-def test_unusable_channels(dataset: Path, tmp_path: Path, mutate: object, message: str) -> None:
-    data = tmp_path / "data"
-    shutil.copytree(dataset, data)
+def test_unusable_channels(data: Path, tmp_path: Path, mutate: object, message: str) -> None:
     mutate(data)  # type: ignore[operator]
     with pytest.raises(DataError, match=message):
         find_images(_channels(data, "train", "valid"), tmp_path / "scratch")
@@ -185,9 +181,7 @@ def test_pipe_mode_is_refused(dataset: Path, tmp_path: Path) -> None:
         find_images(_channels(dataset, "valid", train=pipe), tmp_path)
 
 
-def test_duplicate_display_names_are_refused(dataset: Path, tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    shutil.copytree(dataset, data)
+def test_duplicate_display_names_are_refused(data: Path, tmp_path: Path) -> None:
     shutil.copytree(data / "train" / "004.Akita", data / "train" / "005.Akita")
     with pytest.raises(DataError, match=r"'004.Akita' and '005.Akita' both read as 'Akita'"):
         find_images(_channels(data, "train", "valid"), tmp_path / "scratch")

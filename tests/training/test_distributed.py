@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from container.sagemaker_env import OptMl
-from tests.conftest import FAST, Job, TrainRun, _free_port
+from tests.conftest import FAST, Job, TrainRun, _free_port, wait_for_line
 
 
 def test_two_processes_on_one_host_make_one_model_and_one_set_of_metric_lines(job: Job) -> None:
@@ -68,10 +68,7 @@ def test_sigterm_reaches_every_process(job: Job) -> None:
     """`docker stop` signals PID 1 only: the parent forwards it, every rank stops at one step."""
     job.set_hyperparameters(FAST, processes_per_host=2, image_size=64, batch_size=4, epochs=3)
     process = job.start()
-    assert process.stderr is not None
-    for line in process.stderr:
-        if "Epoch 1/3" in line:
-            break
+    wait_for_line(process, "Epoch 1/3")
     process.send_signal(signal.SIGTERM)
     sent = time.monotonic()
     _, stderr = process.communicate(timeout=120)

@@ -7,7 +7,7 @@ import time
 
 import psutil
 
-from tests.conftest import FAST, Job
+from tests.conftest import FAST, Job, wait_for_line
 
 # Docker's default /dev/shm is 64 MB; this is smaller still, in a mount namespace of its own.
 SMALL_SHM = [
@@ -32,10 +32,7 @@ def test_small_shared_memory_means_fewer_workers_not_a_bus_error(job: Job) -> No
 def test_a_killed_loader_worker_does_not_end_the_epoch(job: Job) -> None:
     job.set_hyperparameters(FAST, image_size=64, batch_size=2, workers=2, epochs=2)
     process = job.start()
-    assert process.stderr is not None
-    for line in process.stderr:
-        if "Epoch 1/2" in line:
-            break
+    wait_for_line(process, "Epoch 1/2")
     parent = psutil.Process(process.pid)
     deadline = time.monotonic() + 60
     while not (workers := parent.children()) and time.monotonic() < deadline:

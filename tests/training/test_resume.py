@@ -10,25 +10,10 @@ from pathlib import Path
 import torch
 
 from container.training.checkpoint import CHECKPOINT_FILE
-from tests.conftest import FAST, Job, TrainRun
+from tests.conftest import FAST, Job, TrainRun, wait_for_line
 
 # SageMaker sends SIGKILL 120 s after SIGTERM (CONTRACT.md §2.3).
 STOP_WINDOW_S = 120
-
-
-def _wait_for(process: subprocess.Popen[str], text: str, timeout: float = 120) -> str:
-    """Read stderr until a line containing `text`; return what was read."""
-    assert process.stderr is not None
-    seen = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = process.stderr.readline()
-        if not line:
-            raise AssertionError(f"train exited before printing {text!r}:\n{''.join(seen)}")
-        seen.append(line)
-        if text in line:
-            return "".join(seen)
-    raise AssertionError(f"no {text!r} within {timeout} s")
 
 
 def _finish(process: subprocess.Popen[str], timeout: float) -> TrainRun:
@@ -46,7 +31,7 @@ def _checkpoint(job: Job) -> dict[str, object]:
 def test_sigkill_then_restart_resumes_from_the_last_checkpoint(job: Job) -> None:
     job.set_hyperparameters(FAST, epochs=4)
     process = job.start()
-    _wait_for(process, "Epoch 3/4")  # epochs 1 and 2 are checkpointed by now
+    wait_for_line(process, "Epoch 3/4")  # epochs 1 and 2 are checkpointed by now
     process.kill()
     process.communicate(timeout=30)
     assert _checkpoint(job)["epoch"] == 2
@@ -66,7 +51,7 @@ def test_sigterm_stops_in_time_with_checkpoint_and_model_then_resumes_mid_epoch(
     # 64 px and batches of 4: 16 steps an epoch, so the signal lands inside the first epoch.
     job.set_hyperparameters(FAST, image_size=64, batch_size=4, epochs=2)
     process = job.start()
-    _wait_for(process, "Epoch 1/2: 16 steps")
+    wait_for_line(process, "Epoch 1/2: 16 steps")
     process.send_signal(signal.SIGTERM)
     sent = time.monotonic()
     stopped = _finish(process, timeout=STOP_WINDOW_S)
