@@ -1,0 +1,40 @@
+"""Markdown output: tables, and one marked section of a document replaced in place.
+
+A benchmark owns the text between its `<!-- NAME:start -->` and `<!-- NAME:end -->` markers, so
+re-running it rewrites its own numbers and leaves every other section of the file as it was.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["replace_section", "table"]
+
+_NEW_DOCUMENT = (
+    "# Benchmarks\n\nHow fast the training image is, measured by the scripts in `bench/`.\n"
+)
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[object]], labels: int = 1) -> str:
+    """A GitHub-flavoured Markdown table: the first `labels` columns left-aligned, numbers right."""
+    align = [":---" if i < labels else "---:" for i in range(len(header))]
+    lines = [list(header), align, *[[str(cell) for cell in row] for row in rows]]
+    return "\n".join("| " + " | ".join(line) + " |" for line in lines)
+
+
+def replace_section(path: Path, name: str, body: str) -> None:
+    """Put `body` between the `name` markers of `path`: replaced if there, else appended."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{body.strip()}\n{end}"
+    text = path.read_text(encoding="utf-8") if path.exists() else _NEW_DOCUMENT
+    first, last = text.find(start), text.find(end)
+    if first != -1 and last > first:
+        text = text[:first] + block + text[last + len(end) :]
+    else:
+        text = f"{text.rstrip()}\n\n{block}\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
