@@ -9,6 +9,7 @@ no per-image float copies are made and DataLoader workers ship 4x fewer bytes th
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,6 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torchvision.transforms import RandomResizedCrop
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -26,6 +26,7 @@ __all__ = [
     "decode",
     "eval_crop",
     "normalize",
+    "random_resized_box",
     "random_resized_crop",
     "to_uint8_hwc",
 ]
@@ -122,15 +123,41 @@ def eval_crop(image: Image.Image, prep: Preprocessing) -> Image.Image:
     return image.resize(size, _RESAMPLE, box=box, reducing_gap=_REDUCING_GAP)
 
 
-def random_resized_crop(
-    image: Image.Image,
-    size: int,
+def random_resized_box(
+    width: int,
+    height: int,
+    generator: torch.Generator,
     scale: tuple[float, float] = (0.08, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
-) -> Image.Image:
-    """torchvision's RandomResizedCrop (same draws, torch's RNG), resampling only the chosen box."""
-    top, left, height, width = RandomResizedCrop.get_params(image, list(scale), list(ratio))
-    box = (left, top, left + width, top + height)
+) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop box (left, top, right, bottom), drawn from `generator`.
+
+    torchvision draws from torch's global generator, so what a sample gets depends on which loader
+    worker (or thread) loads it; an explicit generator makes augmentation a function of the sample.
+    """
+    area = width * height
+    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        u = torch.rand(4, generator=generator).tolist()
+        target = area * (scale[0] + (scale[1] - scale[0]) * u[0])
+        aspect = math.exp(log_low + (log_high - log_low) * u[1])
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top, left = int(u[2] * (height - h + 1)), int(u[3] * (width - w + 1))
+            return left, top, left + w, top + h
+    # As torchvision: the largest centred crop within the allowed aspect ratios.
+    w, h = width, height
+    if width / height < ratio[0]:
+        h = round(width / ratio[0])
+    elif width / height > ratio[1]:
+        w = round(height * ratio[1])
+    top, left = (height - h) // 2, (width - w) // 2
+    return left, top, left + w, top + h
+
+
+def random_resized_crop(image: Image.Image, size: int, generator: torch.Generator) -> Image.Image:
+    """A random crop (see `random_resized_box`) resized to size x size in one resampling step."""
+    box = random_resized_box(*image.size, generator)
     return image.resize((size, size), _RESAMPLE, box=box, reducing_gap=_REDUCING_GAP)
 
 

@@ -16,6 +16,7 @@ from container.images import (
     decode,
     eval_crop,
     normalize,
+    random_resized_box,
     random_resized_crop,
     to_uint8_hwc,
 )
@@ -106,14 +107,29 @@ def test_eval_crop_matches_torchvision_resize_and_center_crop() -> None:
     assert np.abs(ours - theirs).mean() < 1.5
 
 
-def test_random_resized_crop_size_and_determinism() -> None:
+def test_random_resized_crop_draws_only_from_its_generator() -> None:
     image = _photo(300, 200)
-    torch.manual_seed(5)
-    first = np.asarray(random_resized_crop(image, 64))
-    torch.manual_seed(5)
-    second = np.asarray(random_resized_crop(image, 64))
+    first = np.asarray(random_resized_crop(image, 64, torch.Generator().manual_seed(5)))
+    torch.manual_seed(1)  # the global generator plays no part
+    second = np.asarray(random_resized_crop(image, 64, torch.Generator().manual_seed(5)))
+    third = np.asarray(random_resized_crop(image, 64, torch.Generator().manual_seed(6)))
     assert first.shape == (64, 64, 3)
     assert np.array_equal(first, second)
+    assert not np.array_equal(first, third)
+
+
+def test_random_resized_box_follows_torchvision_s_distribution() -> None:
+    """Crop areas spread over (0.08, 1) of the image, aspect ratios over (3/4, 4/3)."""
+    generator = torch.Generator().manual_seed(0)
+    boxes = [random_resized_box(400, 300, generator) for _ in range(500)]
+    areas = [(r - left) * (b - t) / (400 * 300) for left, t, r, b in boxes]
+    aspects = [(r - left) / (b - t) for left, t, r, b in boxes]
+    assert 0.07 <= min(areas) < 0.15
+    assert 0.85 < max(areas) <= 1.0
+    assert 0.4 < float(np.mean(areas)) < 0.6
+    assert min(aspects) > 0.7
+    assert max(aspects) < 1.4
+    assert all(0 <= left < r <= 400 and 0 <= t < b <= 300 for left, t, r, b in boxes)
 
 
 def test_normalize_is_torchvision_normalize_in_channels_last() -> None:

@@ -97,14 +97,25 @@ class DatasetSplits:
 
 
 class ImageFolderDataset(Dataset[tuple[torch.Tensor, int]]):
-    """Decoded, cropped uint8 HWC images; `augment` picks random crops and flips."""
+    """Decoded, cropped uint8 HWC images; `augment` picks random crops and flips.
+
+    A sample's augmentation depends only on (seed, epoch, index): not on which worker loads it,
+    how many workers there are, or where in the epoch a resumed run starts.
+    """
 
     def __init__(
-        self, samples: Sequence[tuple[str, int]], prep: Preprocessing, augment: bool
+        self,
+        samples: Sequence[tuple[str, int]],
+        prep: Preprocessing,
+        augment: bool,
+        seed: int = 0,
+        epoch: int = 0,
     ) -> None:
         self.samples = samples
         self.prep = prep
         self.augment = augment
+        self.seed = seed
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -117,8 +128,11 @@ class ImageFolderDataset(Dataset[tuple[torch.Tensor, int]]):
             raise DataError(f"{path} became unreadable during training: {exc}") from exc
         if not self.augment:
             return to_uint8_hwc(eval_crop(image, self.prep)), label
-        pixels = to_uint8_hwc(random_resized_crop(image, self.prep.image_size))
-        if torch.rand(()) < 0.5:
+        generator = torch.Generator().manual_seed(
+            (self.seed * 1_000_003 + self.epoch) * 1_000_003 + index
+        )
+        pixels = to_uint8_hwc(random_resized_crop(image, self.prep.image_size, generator))
+        if torch.rand((), generator=generator) < 0.5:
             pixels = pixels.flip(1)
         return pixels, label
 

@@ -63,9 +63,13 @@ def _evaluation_batches(parts: Parts, dataset: Dataset[Any]) -> Iterator[Batch]:
     return eval_batches(dataset, _loading(parts, dataset, evaluation=True))
 
 
-def _images(parts: Parts, channel: str, augment: bool) -> ImageFolderDataset:
+def _images(
+    parts: Parts, channel: str, augment: bool = False, epoch: int = 0
+) -> ImageFolderDataset:
     image_set = {s.channel: s for s in parts.splits.sets}[channel]
-    return ImageFolderDataset(image_set.samples, parts.prep, augment=augment)
+    return ImageFolderDataset(
+        image_set.samples, parts.prep, augment, seed=parts.settings.hp.seed, epoch=epoch
+    )
 
 
 def _prepare_images(parts: Parts) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -143,7 +147,8 @@ def _epoch(
         prepare = _prepare_features(parts)
     else:
         trained, prepare = parts.model, _prepare_images(parts)
-        train_set, valid_set = _images(parts, "train", hp.augment), _images(parts, "valid", False)
+        train_set = _images(parts, "train", hp.augment, state.epoch)
+        valid_set = _images(parts, "valid")
     module = _wrap(trained, parts)
     module.train(not frozen)  # a frozen backbone runs in eval mode: fixed BatchNorm statistics
     if hook is not None:
@@ -240,10 +245,10 @@ def train_epochs(parts: Parts, state: RunState, stop: StopRequest) -> bool:
             if state.epoch < hp.frozen_epochs and not hp.augment and cache is None:
                 # Frozen backbone, fixed inputs: its features are the same every epoch.
                 with parts.profiler.phase("data"):
-                    cache = _FeatureCache(
-                        TensorDataset(*_gather_features(parts, _images(parts, "train", False))),
-                        TensorDataset(*_gather_features(parts, _images(parts, "valid", False))),
-                    )
+                    train = TensorDataset(*_gather_features(parts, _images(parts, "train")))
+                with parts.profiler.phase("evaluation"):
+                    valid = TensorDataset(*_gather_features(parts, _images(parts, "valid")))
+                cache = _FeatureCache(train, valid)
                 logger.info("Cached backbone features for the frozen epochs")
             if state.epoch >= hp.frozen_epochs:
                 cache = None
@@ -260,13 +265,12 @@ def train_epochs(parts: Parts, state: RunState, stop: StopRequest) -> bool:
                 return False
             state.epoch += 1
             state.step = 0
-            profile = parts.profiler.end_epoch(state.epoch, stats.images)
             row = {
                 "epoch": state.epoch,
                 "train_loss": stats.loss,
                 "train_acc": stats.accuracy,
                 "lr": parts.optimizer.param_groups[0]["lr"],
-                "images_per_sec": profile.images_per_sec,
+                "images_per_sec": parts.profiler.images_per_sec(stats.images),
                 "val_loss": result.loss,
                 "val_top5": result.top5,
                 "val_acc": result.accuracy,
@@ -288,6 +292,7 @@ def train_epochs(parts: Parts, state: RunState, stop: StopRequest) -> bool:
                     if state.best.epoch == state.epoch:
                         write_model(parts, state, {"val_acc": result.accuracy})
                     save_checkpoint(settings.checkpoint_dir, snapshot(parts, state))
+            parts.profiler.end_epoch(state.epoch, stats.images)
         return True
     finally:
         if hook is not None:
@@ -305,7 +310,7 @@ def evaluate_best(parts: Parts, state: RunState) -> dict[str, EvalResult]:
     for image_set in parts.splits.sets[1:]:
         results[image_set.channel] = evaluate(
             parts.model,
-            _evaluation_batches(parts, _images(parts, image_set.channel, False)),
+            _evaluation_batches(parts, _images(parts, image_set.channel)),
             _prepare_images(parts),
             criterion=parts.criterion,
             num_classes=len(parts.splits.class_folders),

@@ -83,13 +83,28 @@ def _shm_free() -> int | None:
         return None
 
 
-def _workers(requested: int | Literal["auto"], cpus: int, batch_bytes: int) -> int:
-    """Loader workers: one per CPU of this process (at most 8), fewer if /dev/shm is small.
+def _auto_workers(cpus: int, device: torch.device) -> int:
+    """Loader worker processes worth having.
+
+    Batches are always loaded on a background thread of the training process, so decoding already
+    overlaps compute. On a GPU the CPUs have nothing else to do: all but one decode (at most 8).
+    On a CPU the model needs the cores itself; measured on 2 cores, two workers made training ~25%
+    slower than none (bench/train_throughput.py, docs/benchmarks.md), so workers start at 8 cores.
+    """
+    if device.type == "cuda":
+        return max(1, min(cpus - 1, _MAX_WORKERS))
+    return min(cpus // 8, _MAX_WORKERS)
+
+
+def _workers(
+    requested: int | Literal["auto"], cpus: int, device: torch.device, batch_bytes: int
+) -> int:
+    """Loader workers: as asked or `_auto_workers`, fewer if /dev/shm is small.
 
     Docker's default 64 MB /dev/shm kills workers with "Bus error" (CONTRACT.md §2.8); batches are
     uint8, so a few workers fit even there, and none are used when not even one fits.
     """
-    wanted = min(cpus, _MAX_WORKERS) if requested == "auto" else requested
+    wanted = _auto_workers(cpus, device) if requested == "auto" else requested
     free = _shm_free()
     if free is None or wanted == 0:
         return wanted
@@ -130,5 +145,5 @@ def plan_hardware(
         amp_dtype=amp,
         grad_scaler=amp is torch.float16 and device.type == "cuda",
         threads=cpus,
-        workers=_workers(workers, cpus, batch_bytes),
+        workers=_workers(workers, cpus, device, batch_bytes),
     )

@@ -35,6 +35,12 @@ class SystemSample:
     gpu_memory_mb: float | None
 
 
+def _images_per_sec(seconds: dict[str, float], train_images: int) -> float:
+    """Training throughput: waiting for data, forward/backward and optimiser steps count."""
+    busy = seconds["data"] + seconds["forward_backward"] + seconds["optimizer"]
+    return train_images / busy if busy > 0 else 0.0
+
+
 @dataclass
 class EpochProfile:
     epoch: int
@@ -44,8 +50,7 @@ class EpochProfile:
 
     @property
     def images_per_sec(self) -> float:
-        busy = self.seconds["data"] + self.seconds["forward_backward"] + self.seconds["optimizer"]
-        return self.train_images / busy if busy > 0 else 0.0
+        return _images_per_sec(self.seconds, self.train_images)
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "images_per_sec": self.images_per_sec}
@@ -138,6 +143,10 @@ class Profiler:
         finally:
             self._sync()
             self._current[name] += time.perf_counter() - start
+
+    def images_per_sec(self, train_images: int) -> float:
+        """Training throughput of the epoch in progress, so far."""
+        return _images_per_sec(self._current, train_images)
 
     def end_epoch(self, epoch: int, train_images: int) -> EpochProfile:
         now = time.monotonic()
