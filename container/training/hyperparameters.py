@@ -77,8 +77,8 @@ class Hyperparameters(HyperparameterSchema):
     seed: int = Field(42, description="Seed for weights, shuffling and augmentation.")
     workers: int | Literal["auto"] = Field(
         "auto",
-        description="DataLoader workers per process; auto sizes them from the CPUs and shared "
-        "memory.",
+        description="Loader worker processes per process; auto: all CPUs but one on a GPU host "
+        "(at most 8), one per 8 CPUs on a CPU host; fewer when /dev/shm is small.",
     )
     processes_per_host: int | Literal["auto"] = Field(
         "auto", description="Training processes per host; auto = one per GPU, or 1 on CPU."

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from container.training import _html
 from container.training.data import DatasetSplits
@@ -108,6 +109,8 @@ def _curves(history: Sequence[Mapping[str, Any]]) -> str:
         acc_ax.plot(epochs, [h[key] for h in history], marker="o", label=label)
     loss_ax.set(title="Loss", xlabel="epoch")
     acc_ax.set(title="Accuracy", xlabel="epoch", ylim=(0, 1.02))
+    for ax in (loss_ax, acc_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     loss_ax.legend()
     acc_ax.legend()
     return _html.figure(fig, "loss and accuracy per epoch")
@@ -224,6 +227,8 @@ def _phase_plot(epochs: Sequence[Mapping[str, Any]]) -> str:
     time_ax.legend(fontsize="small")
     rate_ax.plot(labels, [e["images_per_sec"] for e in epochs], marker="o")
     rate_ax.set(title="Training throughput", xlabel="epoch", ylabel="images/s", ylim=(0, None))
+    for ax in (time_ax, rate_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return _html.figure(fig, "time split and throughput per epoch")
 
 
