@@ -130,10 +130,6 @@ class OptMl:
         return self.base / "checkpoints"
 
     @property
-    def default_tensors_dir(self) -> Path:
-        return self.output_dir / "tensors"
-
-    @property
     def default_tensorboard_dir(self) -> Path:
         return self.output_dir / "tensorboard"
 
@@ -280,7 +276,6 @@ class ResourceConfig:
     current_host: str = "algo-1"
     hosts: tuple[str, ...] = field(default=("algo-1",))
     network_interface_name: str | None = None
-    current_instance_type: str | None = None
 
     @property
     def host_rank(self) -> int:
@@ -306,7 +301,6 @@ def read_resource_config(opt_ml: OptMl) -> ResourceConfig:
         current_host=current,
         hosts=tuple(str(host) for host in hosts),
         network_interface_name=raw.get("network_interface_name"),
-        current_instance_type=raw.get("current_instance_type"),
     )
 
 

@@ -71,12 +71,6 @@ class ImageSet:
     samples: tuple[tuple[str, int], ...]
     bad: tuple[BadImage, ...]
 
-    def class_counts(self, num_classes: int) -> list[int]:
-        counts = [0] * num_classes
-        for _, label in self.samples:
-            counts[label] += 1
-        return counts
-
 
 @dataclass(frozen=True)
 class DatasetSplits:
