@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from container.archives import ArchiveError, is_archive, unpack_once
 from container.images import (
     ImageDecodeError,
     Preprocessing,
@@ -29,7 +30,6 @@ from container.images import (
 )
 from container.model import class_name
 from container.sagemaker_env import Channel
-from container.training.archives import is_archive, unpack_once
 from container.training.errors import DataError
 
 __all__ = [
@@ -152,7 +152,10 @@ def _channel_root(channel: Channel, scratch: Path) -> Path:
     entries = _visible(channel.path)
     root = channel.path
     if len(entries) == 1 and is_archive(entries[0]):
-        root = unpack_once(entries[0], scratch / channel.name)
+        try:
+            root = unpack_once(entries[0], scratch / channel.name)
+        except ArchiveError as exc:
+            raise DataError(f"{exc}; upload a valid .zip or .tar.gz") from exc
     for _ in range(_MAX_WRAPPER_DEPTH):
         entries = _visible(root)
         dirs = [p for p in entries if p.is_dir()]

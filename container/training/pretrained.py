@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from torchvision import models
 
+from container.archives import ArchiveError, is_archive, unpack_once
 from container.model import WEIGHTS_FILE
 from container.sagemaker_env import Channel
-from container.training.archives import is_archive, unpack_once
 from container.training.errors import WeightsError
 
 __all__ = ["WeightsSource", "find_pretrained"]
@@ -70,7 +70,11 @@ def _weights_in(folder: Path, scratch: Path) -> Path:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
     archives = [p for p in files if is_archive(p)]
     if len(archives) == 1 and len(files) == 1:
-        return _weights_in(unpack_once(archives[0], scratch / "pretrained"), scratch)
+        try:
+            unpacked = unpack_once(archives[0], scratch / "pretrained")
+        except ArchiveError as exc:
+            raise WeightsError(str(exc)) from exc
+        return _weights_in(unpacked, scratch)
     candidates = [p for p in files if p.suffix in _WEIGHTS_SUFFIXES]
     if len(candidates) != 1:
         raise WeightsError(

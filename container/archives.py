@@ -1,4 +1,4 @@
-"""Unpacking the archives users upload as channels (.zip, .tar, .tar.gz), once per host."""
+"""Unpacking the archives users hand over (.zip, .tar, .tar.gz): datasets, model.tar.gz, once."""
 
 from __future__ import annotations
 
@@ -8,13 +8,15 @@ import tarfile
 import zipfile
 from pathlib import Path
 
-from container.training.errors import DataError
-
-__all__ = ["is_archive", "unpack_once"]
+__all__ = ["ArchiveError", "is_archive", "unpack_once"]
 
 logger = logging.getLogger(__name__)
 
 _SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
+
+
+class ArchiveError(ValueError):
+    """Raised when an archive cannot be unpacked; the message names it and the problem."""
 
 
 def is_archive(path: Path) -> bool:
@@ -43,8 +45,6 @@ def unpack_once(archive: Path, dest: Path) -> Path:
                 with tarfile.open(archive) as tf:
                     tf.extractall(dest, filter="data")
         except (zipfile.BadZipFile, tarfile.TarError, OSError) as exc:
-            raise DataError(
-                f"cannot unpack {archive}: {exc}; upload a valid .zip or .tar.gz"
-            ) from exc
+            raise ArchiveError(f"cannot unpack {archive}: {exc}") from exc
         done.touch()
     return dest
