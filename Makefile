@@ -9,7 +9,7 @@ DEMO ?= opt_ml
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) -e '.[train,dev]'
+	$(PIP) -e '.[train,serve,dev]'
 	touch $@
 
 install: $(VENV)/.installed ## create .venv with everything the project needs

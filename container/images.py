@@ -22,8 +22,10 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "ImageDecodeError",
+    "ImageTooLargeError",
     "Preprocessing",
     "decode",
+    "eval_box",
     "eval_crop",
     "normalize",
     "random_resized_box",
@@ -43,6 +45,10 @@ _WHITE = (255, 255, 255)
 
 class ImageDecodeError(ValueError):
     """Raised when bytes cannot be decoded into an image (corrupt, truncated, not an image)."""
+
+
+class ImageTooLargeError(ImageDecodeError):
+    """Raised, before decoding, for an image with more pixels than allowed (decompression bomb)."""
 
 
 @dataclass(frozen=True)
@@ -74,12 +80,16 @@ class Preprocessing:
         )
 
 
-def decode(source: bytes | Path, *, min_side: int | None = None) -> Image.Image:
+def decode(
+    source: bytes | Path, *, min_side: int | None = None, max_pixels: int | None = None
+) -> Image.Image:
     """Decode an image file to an RGB Pillow image, upright per its EXIF orientation.
 
     With `min_side`, a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both
-    sides >= min_side: a 6 MP photo for a 256 px target decodes ~3x faster. Transparent images are
-    composited on white (what a viewer shows), not stripped to whatever colour hides under alpha.
+    sides >= min_side: a 6 MP photo for a 256 px target decodes ~3x faster. With `max_pixels`, an
+    image that would still decode to more pixels is refused from its header alone, before any
+    memory is spent on it. Transparent images are composited on white (what a viewer shows), not
+    stripped to whatever colour hides under alpha.
     """
     try:
         # Reading the bytes first means no file handle outlives a failed decode.
@@ -87,8 +97,16 @@ def decode(source: bytes | Path, *, min_side: int | None = None) -> Image.Image:
         opened = Image.open(io.BytesIO(data))
         if min_side is not None and opened.format == "JPEG":
             opened.draft("RGB", (min_side, min_side))
+        width, height = opened.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise ImageTooLargeError(
+                f"the image decodes to {width}x{height} pixels ({width * height / 1e6:.0f} MP), "
+                f"more than the {max_pixels / 1e6:.0f} MP allowed; send a smaller image"
+            )
         opened.load()
         return _to_rgb(ImageOps.exif_transpose(opened))
+    except ImageTooLargeError:
+        raise
     # Pillow signals corrupt input with many exception types (OSError, SyntaxError, struct.error,
     # DecompressionBombError, ...); at this boundary every one of them means "not a usable image".
     except Exception as exc:
@@ -112,15 +130,19 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def eval_box(size: tuple[int, int], prep: Preprocessing) -> tuple[float, float, float, float]:
+    """The square of the source image that evaluation sees: `resize_size` short side, centred
+    `image_size` crop, in source pixels (left, top, right, bottom)."""
+    width, height = size
+    side = prep.image_size * min(width, height) / prep.resize_size
+    left, top = (width - side) / 2, (height - side) / 2
+    return left, top, left + side, top + side
+
+
 def eval_crop(image: Image.Image, prep: Preprocessing) -> Image.Image:
     """Resize the short side to `resize_size` and centre-crop `image_size`, in one resample."""
-    width, height = image.size
-    scale = prep.resize_size / min(width, height)
-    side = prep.image_size / scale  # the crop's side in source pixels
-    left, top = (width - side) / 2, (height - side) / 2
-    box = (left, top, left + side, top + side)
     size = (prep.image_size, prep.image_size)
-    return image.resize(size, _RESAMPLE, box=box, reducing_gap=_REDUCING_GAP)
+    return image.resize(size, _RESAMPLE, box=eval_box(image.size, prep), reducing_gap=_REDUCING_GAP)
 
 
 def random_resized_box(

@@ -9,10 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import pynvml
 import torch
 
-__all__ = ["Hardware", "cpu_has_bf16", "describe_cuda", "plan_hardware"]
+from container.devices import cpu_has_bf16
+
+__all__ = ["Hardware", "plan_hardware"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,32 +37,6 @@ class Hardware:
     @property
     def precision(self) -> str:
         return "fp32" if self.amp_dtype is None else str(self.amp_dtype).removeprefix("torch.")
-
-
-def cpu_has_bf16() -> bool:
-    """Native bf16 matrix units (AVX512-BF16 or AMX); without them bf16 is slower than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def _driver_version() -> str:
-    try:
-        pynvml.nvmlInit()
-        return str(pynvml.nvmlSystemGetDriverVersion())
-    except pynvml.NVMLError as exc:
-        return f"unknown ({exc})"
-
-
-def describe_cuda() -> str:
-    """Driver, CUDA runtime and devices, for the job's first log lines (CONTRACT.md §1.5)."""
-    build = f"torch {torch.__version__} built for CUDA {torch.version.cuda}"
-    if not torch.cuda.is_available():
-        return f"no usable GPU ({build}, NVIDIA driver {_driver_version()})"
-    names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
-    return f"{build}, NVIDIA driver {_driver_version()}, devices: {names}"
 
 
 def _amp_dtype(mode: PrecisionMode, device: torch.device) -> torch.dtype | None:

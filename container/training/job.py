@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from container.devices import describe_cuda
 from container.images import Preprocessing
 from container.model import ArtifactError, build, load_backbone_weights
 from container.sagemaker_env import write_failure
@@ -24,7 +25,7 @@ from container.training.data import build_splits, find_images, probe_images
 from container.training.distributed import Rank
 from container.training.epochs import evaluate_best, train_epochs, write_model
 from container.training.errors import TrainingError, WeightsError
-from container.training.hardware import describe_cuda, plan_hardware
+from container.training.hardware import plan_hardware
 from container.training.loader import LoaderSettings, steps_per_epoch
 from container.training.optim import build_optimizer, build_scheduler
 from container.training.pretrained import find_pretrained

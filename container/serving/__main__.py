@@ -1,0 +1,66 @@
+"""`serve`: SageMaker's hosting and batch-transform entry point (`docker run IMAGE serve`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import uvicorn
+
+from container.devices import describe_cuda
+from container.serving.app import create_app
+from container.serving.settings import ServeSettings, SettingsError
+
+logger = logging.getLogger("container.serving")
+
+# SageMaker sends SIGKILL 30 s after SIGTERM (CONTRACT.md §3.1): in-flight requests get 25 s.
+_GRACEFUL_SHUTDOWN_S = 25
+# Longer than the idle timeout of SageMaker's front end (60 s), so that it closes connections
+# first and never sends a request on one we are closing.
+_KEEP_ALIVE_S = 75
+
+
+def main() -> int:
+    """Read the settings once, then run uvicorn (it handles SIGTERM: stop, drain, exit)."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        settings = ServeSettings.from_environ(os.environ)
+    except SettingsError as exc:
+        logger.error("Not serving: %s", exc)
+        return 2
+    logging.getLogger().setLevel(settings.log_level.upper())
+    if settings.multi_model:
+        logger.error(
+            "Not serving: SAGEMAKER_MULTI_MODEL=true, but this image serves one model; deploy it "
+            "as a single-model endpoint"
+        )
+        return 2
+    logger.info("Settings: %s", settings.describe())
+    logger.info("Accelerator: %s", describe_cuda())
+    common: dict[str, object] = {
+        "host": "0.0.0.0",
+        "port": settings.port,
+        "loop": "uvloop",
+        "http": "httptools",
+        "log_config": None,
+        "access_log": False,
+        "timeout_keep_alive": _KEEP_ALIVE_S,
+        "timeout_graceful_shutdown": _GRACEFUL_SHUTDOWN_S,
+    }
+    if settings.workers == 1:
+        uvicorn.Server(uvicorn.Config(create_app(settings), **common)).run()  # type: ignore[arg-type]
+    else:
+        uvicorn.run(
+            "container.serving.app:app_from_environ",
+            factory=True,
+            workers=settings.workers,
+            **common,  # type: ignore[arg-type]
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Errors the server answers with: each has an HTTP status and becomes `{"error", "message"}` JSON.
+
+Clients see the message (SageMaker wraps a non-2xx answer in a ModelError carrying it), so it says
+what was wrong with the request and what to send instead; it never carries a traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BadRequestError",
+    "NotAcceptableError",
+    "NotReadyError",
+    "OverloadedError",
+    "PayloadTooLargeError",
+    "ServingError",
+    "UnsupportedMediaTypeError",
+]
+
+
+class ServingError(Exception):
+    """Base: `status` is the HTTP status, `code` the short name in the JSON body."""
+
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequestError(ServingError):
+    """Raised for a body that does not hold usable images (corrupt, empty, malformed JSON, ...)."""
+
+    status = 400
+    code = "bad_request"
+
+
+class PayloadTooLargeError(ServingError):
+    """Raised for a body over the payload cap (SAGEMAKER_MAX_PAYLOAD_IN_MB)."""
+
+    status = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaTypeError(ServingError):
+    """Raised for a Content-Type the server does not read."""
+
+    status = 415
+    code = "unsupported_media_type"
+
+
+class NotAcceptableError(ServingError):
+    """Raised for an Accept header naming no type the server writes."""
+
+    status = 406
+    code = "not_acceptable"
+
+
+class NotReadyError(ServingError):
+    """Raised while the model is loading, or after it failed to load."""
+
+    status = 503
+    code = "not_ready"
+
+
+class OverloadedError(ServingError):
+    """Raised when predictions do not come back within SAGEMAKER_MODEL_SERVER_TIMEOUT seconds."""
+
+    status = 503
+    code = "overloaded"

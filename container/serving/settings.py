@@ -1,0 +1,123 @@
+"""The server's settings: read once from the environment at start-up, logged, then passed in.
+
+SageMaker configures a model container only through `ContainerDefinition.Environment` (CONTRACT.md
+§1.4, §3.6); the names it and the inference toolkits use are honoured, and our own knobs use the
+`SERVE_` prefix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from container.sagemaker_env import OptMl
+
+__all__ = ["ENVIRONMENT", "ServeSettings", "SettingsError"]
+
+MiB = 1 << 20
+
+
+class SettingsError(ValueError):
+    """Raised when an environment variable holds a value the server cannot use."""
+
+
+class ServeSettings(BaseModel):
+    """Everything the server is told; one frozen object built at start-up."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    base_dir: str = Field("/opt/ml", description="The /opt/ml tree; the model is in model/.")
+    port: int = Field(8080, ge=1, le=65535, description="Listening port (0.0.0.0).")
+    workers: int = Field(1, ge=1, le=64, description="Server processes, each with a model copy.")
+    timeout_s: float = Field(60, gt=0, description="Longest wait for one request's predictions.")
+    default_accept: Literal["application/json", "application/jsonlines"] = Field(
+        "application/json", description="Response type when Accept is missing or */*."
+    )
+    max_payload_mb: float = Field(6, gt=0, le=100, description="Largest request body, in MiB.")
+    batch_transform: bool = Field(False, description="Set by SageMaker batch transform.")
+    max_concurrent_transforms: int | None = Field(
+        None, ge=1, description="Batch transform's requests in flight, when the job sets it."
+    )
+    batch_strategy: Literal["SINGLE_RECORD", "MULTI_RECORD"] | None = Field(
+        None, description="Batch transform's strategy, when the job sets it."
+    )
+    multi_model: bool = Field(False, description="Multi-model endpoint (not supported).")
+    max_batch_size: int | None = Field(
+        None, ge=1, le=512, description="Images per forward pass; default 16 on CPU, 64 on GPU."
+    )
+    max_batch_delay_ms: float = Field(
+        0, ge=0, le=1000, description="How long a batch waits to fill once the model is free."
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on CPUs with native bf16, fp16 on GPUs, else fp32."
+    )
+    optimize: Literal["auto", "jit", "eager"] = Field(
+        "auto", description="auto/jit: traced and frozen TorchScript; eager: the plain module."
+    )
+    top_k: int = Field(5, ge=1, le=1000, description="Default number of classes returned.")
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, description="Largest decoded image (after JPEG draft scaling)."
+    )
+    threads: int | None = Field(None, ge=1, description="Torch threads; default: all CPUs.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level."
+    )
+
+    @property
+    def opt_ml(self) -> OptMl:
+        return OptMl(Path(self.base_dir))
+
+    @property
+    def max_payload_bytes(self) -> int:
+        return int(self.max_payload_mb * MiB)
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> ServeSettings:
+        """Settings from the variables in `ENVIRONMENT`; SettingsError names a bad one."""
+        values: dict[str, Any] = {}
+        for name, variable in ENVIRONMENT.items():
+            raw = environ.get(variable, "").strip()
+            if raw:
+                values[name] = raw.lower() if name in _CASE_INSENSITIVE else raw
+        if values.get("batch_strategy"):
+            values["batch_strategy"] = values["batch_strategy"].upper()
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            name = str(first["loc"][0])
+            raise SettingsError(
+                f"{ENVIRONMENT[name]}={environ.get(ENVIRONMENT[name])!r} is invalid: {first['msg']}"
+            ) from exc
+
+    def describe(self) -> str:
+        """One log line with every setting and the variable that sets it."""
+        return ", ".join(f"{ENVIRONMENT[k]}={v}" for k, v in self.model_dump().items())
+
+
+ENVIRONMENT: dict[str, str] = {
+    "base_dir": "SAGEMAKER_BASE_DIR",
+    "port": "SAGEMAKER_BIND_TO_PORT",
+    "workers": "SAGEMAKER_MODEL_SERVER_WORKERS",
+    "timeout_s": "SAGEMAKER_MODEL_SERVER_TIMEOUT",
+    "default_accept": "SAGEMAKER_DEFAULT_INVOCATIONS_ACCEPT",
+    "max_payload_mb": "SAGEMAKER_MAX_PAYLOAD_IN_MB",
+    "batch_transform": "SAGEMAKER_BATCH",
+    "max_concurrent_transforms": "SAGEMAKER_MAX_CONCURRENT_TRANSFORMS",
+    "batch_strategy": "SAGEMAKER_BATCH_STRATEGY",
+    "multi_model": "SAGEMAKER_MULTI_MODEL",
+    "max_batch_size": "SERVE_MAX_BATCH_SIZE",
+    "max_batch_delay_ms": "SERVE_MAX_BATCH_DELAY_MS",
+    "precision": "SERVE_PRECISION",
+    "optimize": "SERVE_OPTIMIZE",
+    "top_k": "SERVE_TOP_K",
+    "max_image_pixels": "SERVE_MAX_IMAGE_PIXELS",
+    "threads": "SERVE_THREADS",
+    "log_level": "SERVE_LOG_LEVEL",
+}
+"""Setting -> the environment variable that sets it (SageMaker's names first)."""
+
+_CASE_INSENSITIVE = {"default_accept", "precision", "optimize", "log_level", "batch_transform"}
