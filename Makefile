@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 DEMO ?= opt_ml
 
-.PHONY: install test lint unit run bench clean
+.PHONY: install test lint run bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,11 +22,8 @@ lint: install ## formatting, lint and strict typing
 test: lint ## the whole test suite (what CI runs)
 	$(VENV)/bin/pytest
 
-run: install ## train the demo model on the generated sample dataset under ./opt_ml
-	test -d $(DEMO)/input/data || $(PY) -m container.sample_data $(DEMO) --opt-ml \
-		--hp epochs=5 --hp batch_size=8 --hp lr=0.02 --hp warmup_epochs=0.5 \
-		--hp image_size=64 --hp pretrained=false
-	SAGEMAKER_BASE_DIR=$(DEMO) $(PY) train
+run: install ## train a demo model if there is none, then serve it on :8080 (DATA=dataset or model.tar.gz)
+	$(PY) -m container.quickstart $(DATA) --opt-ml $(DEMO)
 
 bench: install ## training throughput against a torchvision-reference loop -> docs/benchmarks.md
 	$(PY) -m bench.train_throughput

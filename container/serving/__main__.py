@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+from types import FrameType
 
 import uvicorn
 
@@ -19,6 +21,10 @@ _GRACEFUL_SHUTDOWN_S = 25
 # Longer than the idle timeout of SageMaker's front end (60 s), so that it closes connections
 # first and never sends a request on one we are closing.
 _KEEP_ALIVE_S = 75
+
+
+def _after_shutdown(signum: int, frame: FrameType | None) -> None:
+    logger.info("Shut down on %s", signal.Signals(signum).name)
 
 
 def main() -> int:
@@ -50,6 +56,9 @@ def main() -> int:
         "timeout_keep_alive": _KEEP_ALIVE_S,
         "timeout_graceful_shutdown": _GRACEFUL_SHUTDOWN_S,
     }
+    # uvicorn handles SIGTERM (stop accepting, finish in-flight requests, shut down) and then
+    # re-raises it to whatever handler was installed before it; this one lets main return 0.
+    signal.signal(signal.SIGTERM, _after_shutdown)
     if settings.workers == 1:
         uvicorn.Server(uvicorn.Config(create_app(settings), **common)).run()  # type: ignore[arg-type]
     else:

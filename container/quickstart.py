@@ -1,0 +1,127 @@
+"""`make run`: from nothing (or your dataset, or your model) to a server answering on :8080.
+
+    python -m container.quickstart                  # sample data -> demo model -> server
+    python -m container.quickstart ~/dogImages.zip  # the dog dataset (zip or folder) -> server
+    python -m container.quickstart model.tar.gz     # an existing model -> server
+
+It lays out an /opt/ml tree the way SageMaker would (default ./opt_ml), runs the real `train` on it
+when there is no model yet, then replaces itself with the real `serve`. A model already in the tree
+is served as it is; delete opt_ml/model to train again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from container.archives import is_archive
+from container.model import META_FILE
+from container.sample_data import SampleSpec, make_opt_ml
+
+__all__ = ["DEMO_HYPERPARAMETERS", "DOG_HYPERPARAMETERS", "main"]
+
+DEMO_HYPERPARAMETERS = {
+    "epochs": 5,
+    "batch_size": 8,
+    "lr": 0.02,
+    "warmup_epochs": 0.5,
+    "image_size": 64,
+    "pretrained": False,  # no download needed: the demo runs offline
+}
+"""A minute on a laptop CPU: a model of the generated shapes, not of dogs."""
+
+DOG_HYPERPARAMETERS = {"epochs": 6, "frozen_epochs": 1, "lr": 0.01}
+"""Fine-tuning ImageNet ResNet18 on the dog dataset: head first, then everything."""
+
+
+def _write_config(opt_ml: Path, name: str, content: object) -> None:
+    config = opt_ml / "input" / "config"
+    config.mkdir(parents=True, exist_ok=True)
+    (config / name).write_text(json.dumps(content, indent=1))
+
+
+def _dataset(opt_ml: Path, source: Path) -> None:
+    """Each channel gets the dataset (folder: its split; archive: the whole archive)."""
+    data = opt_ml / "input" / "data"
+    channels = []
+    for split in ("train", "valid", "test"):
+        target = data / split
+        if is_archive(source):
+            target.mkdir(parents=True, exist_ok=True)
+            link = target / source.name
+            if not link.exists():
+                link.symlink_to(source.resolve())
+        elif (source / split).is_dir():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if not target.exists():
+                target.symlink_to((source / split).resolve())
+        else:
+            continue
+        channels.append(split)
+    _write_config(
+        opt_ml, "inputdataconfig.json", {c: {"TrainingInputMode": "File"} for c in channels}
+    )
+    values = {key: str(value) for key, value in DOG_HYPERPARAMETERS.items()}
+    _write_config(opt_ml, "hyperparameters.json", values)
+
+
+def _train(opt_ml: Path) -> None:
+    env = {**os.environ, "SAGEMAKER_BASE_DIR": str(opt_ml)}
+    print(f"Training a model in {opt_ml} ...", file=sys.stderr, flush=True)
+    done = subprocess.run([sys.executable, "-m", "container.training"], env=env, check=False)
+    if done.returncode != 0:
+        failure = opt_ml / "output" / "failure"
+        reason = failure.read_text() if failure.exists() else f"exit code {done.returncode}"
+        raise SystemExit(f"Training failed: {reason}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "source",
+        nargs="?",
+        type=Path,
+        help="the dog dataset (a folder with train/ valid/ [test/], or its .zip), or a "
+        "model.tar.gz; default: a generated sample dataset",
+    )
+    parser.add_argument("--opt-ml", type=Path, default=Path("opt_ml"), help="the /opt/ml tree")
+    parser.add_argument("--port", type=int, default=8080, help="port to serve on")
+    args = parser.parse_args(argv)
+    opt_ml: Path = args.opt_ml.resolve()
+    model = opt_ml / "model"
+    source: Path | None = args.source
+    if source is not None and not source.exists():
+        raise SystemExit(f"{source} does not exist")
+    if source is not None and source.name.endswith((".tar.gz", ".tgz")) and source.is_file():
+        shutil.rmtree(model, ignore_errors=True)
+        model.mkdir(parents=True)
+        shutil.copy(source, model / source.name)  # the server unpacks it
+    elif not (model / META_FILE).exists():
+        if source is not None:
+            _dataset(opt_ml, source)
+        elif not (opt_ml / "input" / "data").exists():
+            make_opt_ml(opt_ml, SampleSpec(), DEMO_HYPERPARAMETERS)
+        _train(opt_ml)
+    sample = next((opt_ml / "input" / "data" / "test").rglob("*.jpg"), None)
+    if sample is not None:
+        print(
+            f"Try: curl --data-binary @{sample} -H 'Content-Type: image/jpeg' "
+            f"localhost:{args.port}/invocations",
+            file=sys.stderr,
+            flush=True,
+        )
+    env = {
+        **os.environ,
+        "SAGEMAKER_BASE_DIR": str(opt_ml),
+        "SAGEMAKER_BIND_TO_PORT": str(args.port),
+    }
+    os.execve(sys.executable, [sys.executable, "-m", "container.serving"], env)
+
+
+if __name__ == "__main__":
+    main()
