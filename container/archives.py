@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import shutil
 import tarfile
 import zipfile
 from pathlib import Path
@@ -27,15 +28,19 @@ def unpack_once(archive: Path, dest: Path) -> Path:
     """Unpack `archive` into `dest` and return `dest`.
 
     Several processes of one host may ask at once: they queue on a lock file, and the ones after
-    the first find a completion marker and reuse the result. Member paths are confined to `dest`
+    the first find a completion marker naming this archive and reuse the result; a different
+    archive (other path, size or mtime) is unpacked afresh. Member paths are confined to `dest`
     (zipfile sanitises names; tarfile's "data" filter refuses links and paths that escape).
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
     done = dest.with_name(dest.name + ".complete")
+    stat = archive.stat()
+    identity = f"{archive.resolve()} {stat.st_size} {stat.st_mtime_ns}"
     with open(dest.with_name(dest.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if done.exists():
+        if done.exists() and done.read_text() == identity:
             return dest
+        shutil.rmtree(dest, ignore_errors=True)
         logger.info("Unpacking %s to %s", archive, dest)
         try:
             if archive.name.lower().endswith(".zip"):
@@ -46,5 +51,5 @@ def unpack_once(archive: Path, dest: Path) -> Path:
                     tf.extractall(dest, filter="data")
         except (zipfile.BadZipFile, tarfile.TarError, OSError) as exc:
             raise ArchiveError(f"cannot unpack {archive}: {exc}") from exc
-        done.touch()
+        done.write_text(identity)
     return dest

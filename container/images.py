@@ -107,6 +107,8 @@ def decode(
         return _to_rgb(ImageOps.exif_transpose(opened))
     except ImageTooLargeError:
         raise
+    except Image.DecompressionBombError as exc:  # Pillow's own limit, checked when it opens
+        raise ImageTooLargeError(f"{exc}; send a smaller image") from exc
     # Pillow signals corrupt input with many exception types (OSError, SyntaxError, struct.error,
     # DecompressionBombError, ...); at this boundary every one of them means "not a usable image".
     except Exception as exc:

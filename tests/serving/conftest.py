@@ -1,0 +1,137 @@
+"""A model trained once by the real `train`, and the real `serve` process on free ports."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from container.sagemaker_env import OptMl
+from tests.conftest import FAST, ROOT, Job, _free_port
+
+SERVE = ROOT / "serve"
+MODEL = {**FAST, "epochs": 5, "image_size": 128, "lr": 0.02, "warmup_epochs": 0.5}
+"""128 px: a 4x4 Grad-CAM map; 5 epochs: a model that tells the sample classes apart."""
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory, dataset: Path) -> OptMl:
+    """An /opt/ml tree whose model/ the real training job wrote (test/ held out)."""
+    job = Job(OptMl(tmp_path_factory.mktemp("trained")))
+    shutil.copytree(dataset, job.opt_ml.data_dir)
+    job.set_channels("train", "valid", "test")
+    job.set_hyperparameters(MODEL)
+    run = job.run()
+    assert run.returncode == 0, run.stderr
+    return job.opt_ml
+
+
+@dataclass
+class Server:
+    """A `serve` process; `stop()` sends SIGTERM and returns its exit code."""
+
+    process: subprocess.Popen[str]
+    port: int
+    log: Path
+    client: httpx.Client = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.client = httpx.Client(base_url=self.url, timeout=60)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def logs(self) -> str:
+        return self.log.read_text()
+
+    def wait_until(self, status: int, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"serve exited with {self.process.returncode}:\n{self.logs()}")
+            try:
+                if self.client.get("/ping").status_code == status:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"/ping never answered {status}:\n{self.logs()}")
+
+    def stop(self, timeout: float = 30) -> int:
+        self.client.close()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+    def post(
+        self, body: bytes, content_type: str | None = "image/jpeg", **headers: str
+    ) -> httpx.Response:
+        sent = {k.replace("_", "-"): v for k, v in headers.items()}
+        if content_type is not None:
+            sent["Content-Type"] = content_type
+        return self.client.post("/invocations", content=body, headers=sent)
+
+
+def start_server(base: Path, log: Path, env: Mapping[str, str] | None = None) -> Server:
+    port = _free_port()
+    environment = {
+        **os.environ,
+        "SAGEMAKER_BASE_DIR": str(base),
+        "SAGEMAKER_BIND_TO_PORT": str(port),
+        **(env or {}),
+    }
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, str(SERVE)],
+            env=environment,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    return Server(process, port, log)
+
+
+@pytest.fixture(scope="session")
+def server(trained: OptMl, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One server with default settings, shared by the tests that only send requests."""
+    running = start_server(trained.base, tmp_path_factory.mktemp("server") / "serve.log")
+    running.wait_until(200)
+    yield running
+    assert running.stop() == 0
+
+
+def jpeg(image: Image.Image, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, "JPEG", **options)
+    return buffer.getvalue()
+
+
+def encoded(image: Image.Image, fmt: str, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def photo(width: int = 320, height: int = 240, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(60, 180, (height, width, 3)).astype(np.uint8)
+    return Image.fromarray(pixels, "RGB")
+
+
+@pytest.fixture(scope="session")
+def test_images(trained: OptMl) -> list[Path]:
+    """The held-out images of the trained model (the test channel), JPEGs and PNGs."""
+    return sorted(p for p in trained.channel_dir("test").rglob("*") if p.is_file())

@@ -1,0 +1,211 @@
+"""Start-up, health, load and shutdown of the real `serve` process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from container.sagemaker_env import OptMl
+from tests.serving.conftest import SERVE, Server, jpeg, photo, start_server
+
+# SageMaker's health check times out after 2 s, and SIGKILL follows SIGTERM after 30 s.
+PING_TIMEOUT_S = 2.0
+STOP_WINDOW_S = 30
+
+
+def _tree(tmp_path: Path, trained: OptMl) -> Path:
+    """A private /opt/ml whose model/ is to be arranged by the test."""
+    base = tmp_path / "opt_ml"
+    (base / "model").mkdir(parents=True)
+    (base / "input").symlink_to(trained.base / "input")
+    return base
+
+
+def _files(trained: OptMl) -> list[Path]:
+    return sorted(trained.model_dir.iterdir())
+
+
+def test_ping_is_503_until_the_model_is_ready_then_200(trained: OptMl, tmp_path: Path) -> None:
+    server = start_server(trained.base, tmp_path / "serve.log")
+    try:
+        statuses = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and 200 not in statuses:
+            try:
+                response = server.client.get("/ping")
+            except httpx.TransportError:
+                time.sleep(0.02)
+                continue
+            statuses.append(response.status_code)
+            if response.status_code == 503:
+                assert response.json()["error"] == "not_ready"
+                assert "loading" in response.json()["message"]
+        assert statuses[0] == 503  # the socket opens before the model has loaded
+        assert statuses[-1] == 200
+        assert set(statuses) == {503, 200}
+        assert server.client.get("/ping").content == b""
+        early = server.post(jpeg(photo()))
+        assert early.status_code == 200
+    finally:
+        assert server.stop() == 0
+
+
+@pytest.mark.parametrize("layout", ["nested", "model.tar.gz", "nested model.tar.gz"])
+def test_model_layouts(trained: OptMl, tmp_path: Path, layout: str) -> None:
+    base = _tree(tmp_path, trained)
+    model = base / "model"
+    if layout == "nested":
+        shutil.copytree(trained.model_dir, model / "my-model")
+    else:
+        with tarfile.open(model / "model.tar.gz", "w:gz") as tf:
+            for file in _files(trained):
+                arcname = f"inner/{file.name}" if layout.startswith("nested") else file.name
+                tf.add(file, arcname=arcname)
+    server = start_server(base, tmp_path / "serve.log")
+    try:
+        server.wait_until(200)
+        assert server.post(jpeg(photo())).status_code == 200
+    finally:
+        assert server.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("breakage", "reason"),
+    [
+        ("empty", "no model in"),
+        ("no weights", "has no model.pt"),
+        ("corrupt weights", "model.pt does not load"),
+        ("corrupt archive", "cannot unpack"),
+    ],
+)
+def test_a_broken_model_means_503_for_good_with_the_reason(
+    trained: OptMl, tmp_path: Path, breakage: str, reason: str
+) -> None:
+    base = _tree(tmp_path, trained)
+    model = base / "model"
+    if breakage == "corrupt archive":
+        (model / "model.tar.gz").write_bytes(b"\x1f\x8b not really gzip")
+    elif breakage != "empty":
+        for file in _files(trained):
+            shutil.copy(file, model / file.name)
+        if breakage == "no weights":
+            (model / "model.pt").unlink()
+        else:
+            (model / "model.pt").write_bytes(b"garbage")
+    server = start_server(base, tmp_path / "serve.log")
+    try:
+        server.wait_until(503)
+        deadline = time.monotonic() + 60
+        while "Not serving" not in server.logs() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)
+        for _ in range(3):
+            response = server.client.get("/ping")
+            assert response.status_code == 503
+            assert reason in response.json()["message"]
+        invocation = server.post(jpeg(photo()))
+        assert invocation.status_code == 503
+        assert reason in invocation.json()["message"]
+        (line,) = [line for line in server.logs().splitlines() if "Not serving" in line]
+        assert reason in line  # one line a person can act on
+    finally:
+        assert server.stop() == 0
+
+
+def test_ping_answers_fast_while_inference_is_saturated(server: Server) -> None:
+    body = jpeg(photo(1024, 768))
+    stop = threading.Event()
+    served = []
+
+    def hammer() -> None:
+        with httpx.Client(base_url=server.url, timeout=120) as client:
+            while not stop.is_set():
+                response = client.post(
+                    "/invocations", content=body, headers={"Content-Type": "image/jpeg"}
+                )
+                served.append(response.status_code)
+
+    with ThreadPoolExecutor(32) as pool:
+        for _ in range(32):
+            pool.submit(hammer)
+        time.sleep(3)  # let the queue fill
+        pings = []
+        with httpx.Client(base_url=server.url, timeout=PING_TIMEOUT_S * 5) as client:
+            for _ in range(10):
+                started = time.monotonic()
+                assert client.get("/ping").status_code == 200
+                pings.append(time.monotonic() - started)
+                time.sleep(0.2)
+        stop.set()
+    assert served
+    assert set(served) == {200}
+    assert max(pings) < PING_TIMEOUT_S, pings
+
+
+def test_sigterm_finishes_in_flight_requests_then_exits_0(trained: OptMl, tmp_path: Path) -> None:
+    server = start_server(trained.base, tmp_path / "serve.log", {"SERVE_MAX_BATCH_SIZE": "2"})
+    server.wait_until(200)
+    body = jpeg(photo(3000, 2000))
+    with ThreadPoolExecutor(12) as pool:
+        futures = [
+            pool.submit(
+                httpx.post,
+                f"{server.url}/invocations",
+                content=body,
+                headers={"Content-Type": "image/jpeg"},
+                timeout=60,
+            )
+            for _ in range(12)
+        ]
+        time.sleep(0.5)  # requests are queued or running
+        sent = time.monotonic()
+        code = server.stop(timeout=STOP_WINDOW_S)
+        assert time.monotonic() - sent < STOP_WINDOW_S
+        responses = [f.result() for f in futures]
+    assert code == 0
+    assert [r.status_code for r in responses] == [200] * 12
+    assert "Shut down on SIGTERM" in server.logs()
+
+
+def test_default_accept_can_be_jsonlines(trained: OptMl, tmp_path: Path) -> None:
+    env = {"SAGEMAKER_DEFAULT_INVOCATIONS_ACCEPT": "application/jsonlines"}
+    server = start_server(trained.base, tmp_path / "serve.log", env)
+    try:
+        server.wait_until(200)
+        response = server.post(jpeg(photo()), accept="*/*")
+        assert response.headers["content-type"] == "application/jsonlines"
+    finally:
+        assert server.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("env", "words"),
+    [
+        ({"SAGEMAKER_MULTI_MODEL": "true"}, "serves one model"),
+        ({"SAGEMAKER_BIND_TO_PORT": "eighty"}, "SAGEMAKER_BIND_TO_PORT='eighty' is invalid"),
+        ({"SERVE_MAX_BATCH_SIZE": "0"}, "SERVE_MAX_BATCH_SIZE='0' is invalid"),
+        ({"SAGEMAKER_MAX_PAYLOAD_IN_MB": "500"}, "SAGEMAKER_MAX_PAYLOAD_IN_MB='500' is invalid"),
+    ],
+)
+def test_settings_it_cannot_honour_stop_it_at_once(
+    trained: OptMl, env: dict[str, str], words: str
+) -> None:
+    done = subprocess.run(
+        [sys.executable, str(SERVE)],
+        env={**os.environ, "SAGEMAKER_BASE_DIR": str(trained.base), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert words in done.stderr
