@@ -59,18 +59,20 @@ class Batcher(Generic[In, Out]):
         self._max_batch_size = max_batch_size
         self._max_delay_s = max_delay_s
         self._queue: asyncio.Queue[_Pending[In, Out]] = asyncio.Queue()
+        self._running: list[_Pending[In, Out]] = []
         self._worker: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._work(), name="batcher")
 
     async def stop(self) -> None:
+        """Stop the worker; whatever is still running or queued fails with RuntimeError."""
         if self._worker is not None:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
-        while not self._queue.empty():
-            pending = self._queue.get_nowait()
+        left = self._running + [self._queue.get_nowait() for _ in range(self._queue.qsize())]
+        for pending in left:
             if not pending.future.done():
                 pending.future.set_exception(RuntimeError("the server is shutting down"))
 
@@ -100,9 +102,9 @@ class Batcher(Generic[In, Out]):
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = await self._gather()
-            if batch:
-                await self._run(loop, batch)
+            self._running = await self._gather()
+            if self._running:
+                await self._run(loop, self._running)
 
     async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending[In, Out]]) -> None:
         started = time.monotonic()

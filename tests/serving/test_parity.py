@@ -1,0 +1,63 @@
+"""Train/serve parity: the server's top-1 is the offline evaluation's top-1 on held-out images.
+
+The server runs the model in bf16 as frozen TorchScript; the offline path is the training job's
+own evaluation path (images.decode + eval_crop + normalize) through the plain fp32 module.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from container.images import decode, eval_crop, normalize, to_uint8_hwc
+from container.model import load_artifact
+from container.sagemaker_env import OptMl
+from container.serving.codecs import ImageInput
+from container.serving.predictor import Predictor
+from tests.serving.conftest import Server
+
+
+def _offline_top1(trained: OptMl, images: list[Path]) -> list[int]:
+    artifact = load_artifact(trained.model_dir)
+    prep = artifact.preprocessing
+    batch = torch.stack(
+        [to_uint8_hwc(eval_crop(decode(p, min_side=prep.resize_size), prep)) for p in images]
+    )
+    with torch.inference_mode():
+        logits = artifact.model(normalize(batch, prep, torch.device("cpu")))
+    return logits.argmax(dim=1).tolist()
+
+
+def test_served_top1_equals_offline_evaluation(
+    server: Server, trained: OptMl, test_images: list[Path]
+) -> None:
+    expected = _offline_top1(trained, test_images)
+    served = []
+    for path in test_images:
+        content_type = "image/png" if path.suffix == ".png" else "image/jpeg"
+        response = server.post(path.read_bytes(), content_type)
+        assert response.status_code == 200, response.text
+        served.append(response.json()["predictions"][0]["index"])
+    assert served == expected
+    # The offline evaluation of the shipped model agrees with the job's own report.
+    labels = [sorted(p.parent.parent.iterdir()).index(p.parent) for p in test_images]
+    accuracy = sum(s == label for s, label in zip(served, labels, strict=True)) / len(labels)
+    assert accuracy > 0.5
+
+
+@pytest.mark.parametrize("optimize", [True, False])
+def test_reduced_precision_forms_keep_top1(
+    trained: OptMl, test_images: list[Path], optimize: bool
+) -> None:
+    """bf16 (traced and frozen, or eager autocast) against fp32, image by image."""
+    artifact = load_artifact(trained.model_dir)
+    predictor = Predictor(artifact, torch.device("cpu"), torch.bfloat16, optimize)
+    prepared = [
+        predictor.prepare(ImageInput(p.name, p.read_bytes()), 40_000_000, False).pixels
+        for p in test_images
+    ]
+    fast = [int(p.argmax()) for p in predictor.predict(prepared)]
+    reference = [int(p.argmax()) for p in predictor.predict_fp32(prepared)]
+    assert fast == reference
