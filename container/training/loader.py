@@ -137,11 +137,21 @@ def train_batches(
                 yield batch
                 done += 1
             return
-        except RuntimeError as exc:
-            if workers == 0 or "DataLoader worker" not in str(exc):
+        except (RuntimeError, EOFError, ConnectionError) as exc:
+            if workers == 0 or not _worker_died(exc):
                 raise
-            logger.warning("%s; continuing this epoch without loader workers", exc)
+            logger.warning(
+                "A loader worker died (%s: %s); continuing this epoch without loader workers",
+                type(exc).__name__,
+                exc,
+            )
             workers = 0
+
+
+def _worker_died(exc: BaseException) -> bool:
+    # torch reports a dead worker as a RuntimeError, unless it died while handing a batch over
+    # through a shared file descriptor: then the hand-over's socket breaks (EOF, reset).
+    return not isinstance(exc, RuntimeError) or "DataLoader worker" in str(exc)
 
 
 def eval_batches(dataset: Dataset[Any], settings: LoaderSettings) -> Iterator[Batch]:

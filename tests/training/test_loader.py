@@ -6,7 +6,12 @@ import signal
 import time
 
 import psutil
+import pytest
+import torch
+from torch.utils.data import Dataset, DistributedSampler, get_worker_info
 
+from container.training.distributed import Rank
+from container.training.loader import LoaderSettings, train_batches
 from tests.conftest import FAST, Job, wait_for_line
 
 # Docker's default /dev/shm is 64 MB; this is smaller still, in a mount namespace of its own.
@@ -43,3 +48,28 @@ def test_a_killed_loader_worker_does_not_end_the_epoch(job: Job) -> None:
     assert "continuing this epoch without loader workers" in stderr
     assert job.report("profile.json")["epochs"][0]["train_images"] == 64
     assert [line.split()[0] for line in stdout.splitlines()][:2] == ["epoch=1", "epoch=2"]
+
+
+class _BrokenHandOver(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """Fails in a loader worker the way a worker killed mid hand-over looks to the parent."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if get_worker_info() is not None:
+            raise EOFError
+        return torch.full((2,), float(index)), torch.tensor(index)
+
+
+def test_a_broken_worker_hand_over_falls_back_to_loading_in_process(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    rank = Rank(rank=0, local_rank=0, world_size=1, local_world_size=1)
+    settings = LoaderSettings(batch_size=2, workers=1, pin_memory=False, seed=0, rank=rank)
+    batches = list(train_batches(_BrokenHandOver(), settings, epoch=0, start_step=1))
+    assert len(batches) == 3
+    assert sorted(int(i) for _, labels in batches for i in labels) == sorted(
+        int(i) for i in list(DistributedSampler(_BrokenHandOver(), 1, 0, seed=0))[2:]
+    )
+    assert "A loader worker died (EOFError: " in caplog.text
