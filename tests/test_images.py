@@ -12,6 +12,7 @@ from torchvision import transforms
 
 from container.images import (
     ImageDecodeError,
+    ImageTooLargeError,
     Preprocessing,
     decode,
     eval_crop,
@@ -46,6 +47,18 @@ def test_large_jpeg_is_decoded_at_reduced_scale_but_never_below_the_target() -> 
 
 def test_small_jpeg_is_decoded_whole() -> None:
     assert decode(_encode(_photo(500, 375)), min_side=256).size == (500, 375)
+
+
+def test_an_image_over_the_pixel_limit_is_refused_unless_it_decodes_smaller() -> None:
+    png = _encode(Image.new("RGB", (2000, 1000)), "PNG")
+    with pytest.raises(ImageTooLargeError, match="2000x1000 pixels"):
+        decode(png, max_pixels=1_000_000)
+    assert decode(png, max_pixels=2_000_000).size == (2000, 1000)
+    # A JPEG's reduced-scale decode is what counts: 3000x2000 at 1/4 is 750x500.
+    assert decode(_encode(_photo(3000, 2000)), min_side=256, max_pixels=1_000_000).size == (
+        750,
+        500,
+    )
 
 
 def test_exif_orientation_is_applied() -> None:

@@ -1,0 +1,61 @@
+"""`make run`: the quick start trains a demo model from nothing, then serves it on the port."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+from container.model import class_name
+from container.sagemaker_env import OptMl
+from tests.conftest import ROOT, _free_port
+from tests.serving.conftest import Server
+
+
+def _quickstart(log: Path, *args: str) -> Server:
+    port = _free_port()
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "container.quickstart", *args, "--port", str(port)],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    return Server(process, port, log)
+
+
+def test_from_nothing_to_a_served_demo_model_and_back_without_retraining(tmp_path: Path) -> None:
+    opt_ml = tmp_path / "opt_ml"
+    server = _quickstart(tmp_path / "first.log", "--opt-ml", str(opt_ml))
+    server.wait_until(200, timeout=900)
+    hint = re.search(r"Try: curl --data-binary @(\S+) -H 'Content-Type: image/jpeg'", server.logs())
+    assert hint is not None, server.logs()
+    response = server.post(Path(hint.group(1)).read_bytes())
+    assert response.status_code == 200, response.text
+    classes = {class_name(p.name) for p in (opt_ml / "input" / "data" / "train").iterdir()}
+    assert {p["label"] for p in response.json()["predictions"]} <= classes
+    assert server.stop() == 0
+    assert "Training a model" in server.logs()
+
+    again = _quickstart(tmp_path / "again.log", "--opt-ml", str(opt_ml))
+    again.wait_until(200)
+    assert again.post(Path(hint.group(1)).read_bytes()).status_code == 200
+    assert again.stop() == 0
+    assert "Training a model" not in again.logs()
+
+
+def test_a_model_archive_is_served_as_it_is(trained: OptMl, tmp_path: Path) -> None:
+    archive = tmp_path / "model.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for path in trained.model_dir.iterdir():
+            tar.add(path, arcname=path.name)
+    server = _quickstart(tmp_path / "serve.log", str(archive), "--opt-ml", str(tmp_path / "t"))
+    server.wait_until(200)
+    image = next(trained.channel_dir("test").rglob("*.jpg")).read_bytes()
+    response = server.post(image)
+    assert response.status_code == 200, response.text
+    assert server.stop() == 0
+    assert "Training a model" not in server.logs()
