@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from container.serving.settings import markdown_table as serving_table
 from container.training.hyperparameters import markdown_table
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -11,3 +12,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def test_hyperparameter_table_matches_the_schema() -> None:
     assert markdown_table() in README.read_text()
+
+
+def test_serving_settings_table_matches_the_settings() -> None:
+    assert serving_table() in README.read_text()

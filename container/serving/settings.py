@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from container.sagemaker_env import OptMl
 
-__all__ = ["ENVIRONMENT", "ServeSettings", "SettingsError"]
+__all__ = ["ENVIRONMENT", "ServeSettings", "SettingsError", "markdown_table"]
 
 MiB = 1 << 20
 
@@ -32,7 +32,9 @@ class ServeSettings(BaseModel):
     base_dir: str = Field("/opt/ml", description="The /opt/ml tree; the model is in model/.")
     port: int = Field(8080, ge=1, le=65535, description="Listening port (0.0.0.0).")
     workers: int = Field(1, ge=1, le=64, description="Server processes, each with a model copy.")
-    timeout_s: float = Field(60, gt=0, description="Longest wait for one request's predictions.")
+    timeout_s: float = Field(
+        60, gt=0, description="Seconds a request may wait for its predictions before a 503."
+    )
     default_accept: Literal["application/json", "application/jsonlines"] = Field(
         "application/json", description="Response type when Accept is missing or */*."
     )
@@ -61,7 +63,9 @@ class ServeSettings(BaseModel):
     max_image_pixels: int = Field(
         40_000_000, ge=1, description="Largest decoded image (after JPEG draft scaling)."
     )
-    threads: int | None = Field(None, ge=1, description="Torch threads; default: all CPUs.")
+    threads: int | None = Field(
+        None, ge=1, description="Torch threads per worker; default: the CPUs / workers."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level."
     )
@@ -121,3 +125,16 @@ ENVIRONMENT: dict[str, str] = {
 """Setting -> the environment variable that sets it (SageMaker's names first)."""
 
 _CASE_INSENSITIVE = {"default_accept", "precision", "optimize", "log_level", "batch_transform"}
+
+
+def markdown_table() -> str:
+    """The README's settings table, rendered from `ServeSettings` (`python -m` prints it)."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, info in ServeSettings.model_fields.items():
+        default = "unset" if info.default is None else str(info.default).lower()
+        rows.append(f"| `{ENVIRONMENT[name]}` | `{default}` | {info.description} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
