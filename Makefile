@@ -4,8 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 DEMO ?= opt_ml
+TS_VENV ?= /tmp/ts
 
-.PHONY: install test lint run bench clean
+.PHONY: install test lint run bench bench-serve clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,6 +28,14 @@ run: install ## train a demo model if there is none, then serve it on :8080 (DAT
 
 bench: install ## training throughput against a torchvision-reference loop -> docs/benchmarks.md
 	$(PY) -m bench.train_throughput
+
+$(TS_VENV)/bin/torchserve: # TorchServe pins its own dependencies: a venv of its own, for bench-serve
+	python3 -m venv $(TS_VENV)
+	$(TS_VENV)/bin/python -m pip install --quiet torchserve==0.12.0 torch-model-archiver==0.12.0 \
+		torch==2.14.1 torchvision==0.29.1 pyyaml==6.0.4 captum==0.9.0
+
+bench-serve: install $(TS_VENV)/bin/torchserve ## serving throughput against a naive server and TorchServe (needs wrk, java) -> docs/benchmarks.md
+	$(PY) -m bench.serve_load --torchserve-venv $(TS_VENV)
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache .mypy_cache .ruff_cache
