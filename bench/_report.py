@@ -16,7 +16,7 @@ import torchvision
 from bench._markdown import table
 from bench._runs import Configuration, LoopResult
 
-__all__ = ["TARGET_SPEEDUP", "ConfigResults", "render"]
+__all__ = ["TARGET_SPEEDUP", "ConfigResults", "machine", "render"]
 
 TARGET_SPEEDUP = 1.5
 """The issue's target: our loop at least this many times the reference's images/s."""
@@ -168,7 +168,8 @@ def _phases(results: Sequence[ConfigResults]) -> str:
     return table(["configuration", "round", "epoch", *names], rows, labels=3)
 
 
-def _machine() -> str:
+def machine() -> str:
+    """The machine list of a benchmark document: CPU, cores, GPU and library versions."""
     cores = len(os.sched_getaffinity(0))
     lines = [
         ("CPU", _cpu()),
@@ -273,6 +274,6 @@ linear probe's first epoch, the one-off backbone feature extraction of the train
 
 ### Machine
 
-{_machine()}
+{machine()}
 
 Reproduce with `make bench`, which runs `{command}`."""

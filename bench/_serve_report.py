@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from bench._markdown import table
-from bench._report import _machine
+from bench._report import machine
 from bench._serve_wrk import LoadResult
 
 __all__ = ["Method", "ServerResult", "render"]
@@ -38,7 +38,7 @@ class Method:
     seconds: float
     warm_up_s: float
     command: str
-    versions: Sequence[tuple[str, str]]  # beyond those `_machine()` lists
+    versions: Sequence[tuple[str, str]]  # beyond those `machine()` lists
 
 
 @dataclass(frozen=True)
@@ -214,7 +214,7 @@ The project's targets, as measured here:
 
 ### Machine
 
-{_machine()}
+{machine()}
 {versions}
 
 Reproduce with `make bench-serve`, which runs `{method.command}`."""
