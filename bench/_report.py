@@ -15,6 +15,7 @@ import torchvision
 
 from bench._markdown import table
 from bench._runs import Configuration, LoopResult
+from container.devices import describe_cuda
 
 __all__ = ["TARGET_SPEEDUP", "ConfigResults", "machine", "render"]
 
@@ -173,7 +174,8 @@ def machine() -> str:
     cores = len(os.sched_getaffinity(0))
     lines = [
         ("CPU", _cpu()),
-        ("cores", f"{cores} usable ({os.cpu_count()} online), no GPU"),
+        ("cores", f"{cores} usable ({os.cpu_count()} online)"),
+        ("GPU", describe_cuda()),
         ("torch", torch.__version__),
         ("torchvision", torchvision.__version__),
         ("pillow", PIL.__version__),
