@@ -1,0 +1,50 @@
+# One image for both SageMaker modes: `docker run IMAGE train` and `docker run IMAGE serve` run the
+# root scripts of this repository from /opt/program (on PATH); any other command runs as given.
+#
+# Build arguments:
+#   BASE_IMAGE       Debian or Ubuntu with Python >= 3.11 (bookworm has 3.11). The CUDA user-space
+#                    libraries come with the torch wheel, so the same base serves CPU and GPU builds.
+#   TORCH_INDEX_URL  where torch/torchvision come from: a CUDA 12.x build by default, which runs on
+#                    the 535+ drivers every SageMaker GPU host has (CONTRACT.md §1.5);
+#                    https://download.pytorch.org/whl/cpu for a slim CPU image; empty for PyPI's.
+#   BAKE_WEIGHTS     1: download torchvision's ImageNet ResNet18 weights into the image, so that
+#                    `pretrained=true` works under network isolation; 0: leave them out.
+ARG BASE_IMAGE=debian:bookworm-slim
+
+FROM ${BASE_IMAGE} AS runtime
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+
+FROM runtime AS build
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
+ARG BAKE_WEIGHTS=1
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_CERT=/etc/ssl/certs/ca-certificates.crt
+COPY docker/ca/ /usr/local/share/ca-certificates/
+# gcc: smdebug's profiler dependency (pyinstrument-cext) is published as source only.
+RUN update-ca-certificates \
+    && apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev python3-dev python3-venv \
+    && python3 -m venv /opt/venv
+COPY pyproject.toml constraints.txt README.md /src/
+COPY container /src/container
+RUN /opt/venv/bin/pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
+        -c /src/constraints.txt "/src[train,serve]"
+RUN mkdir -p /opt/torch && if [ "$BAKE_WEIGHTS" = 1 ]; then \
+        TORCH_HOME=/opt/torch /opt/venv/bin/python -c \
+        "import torchvision; torchvision.models.resnet18(weights='IMAGENET1K_V1')" \
+        || { echo "Cannot download the ResNet18 weights; build with --build-arg BAKE_WEIGHTS=0" >&2; exit 1; }; \
+    fi
+
+FROM runtime
+COPY --from=build /opt/venv /opt/venv
+COPY --from=build /opt/torch /opt/torch
+COPY train serve /opt/program/
+ENV PATH=/opt/program:/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    TORCH_HOME=/opt/torch
+LABEL com.amazonaws.sagemaker.capabilities.accept-bind-to-port=true
+WORKDIR /opt/program
+EXPOSE 8080
