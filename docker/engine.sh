@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# A docker engine for the container tests: Debian's docker.io (and mmdebstrap, docker-compose)
+# installed when missing, dockerd started in the background when no engine answers.
+set -euo pipefail
+if ! command -v dockerd >/dev/null || ! command -v mmdebstrap >/dev/null; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "The container tests need docker.io and mmdebstrap; install them (as root) and rerun." >&2
+    exit 1
+  fi
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker.io mmdebstrap docker-compose
+fi
+if docker info >/dev/null 2>&1; then
+  exit 0
+fi
+log=${DOCKERD_LOG:-/tmp/dockerd.log}
+nohup dockerd >"$log" 2>&1 &
+for _ in $(seq 60); do
+  docker info >/dev/null 2>&1 && exit 0
+  sleep 1
+done
+echo "dockerd did not answer within 60 s; its log is $log" >&2
+exit 1

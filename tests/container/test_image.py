@@ -1,0 +1,103 @@
+"""As SageMaker runs the image: `docker run IMAGE train`, `docker run -p PORT:8080 IMAGE serve`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import ROOT, Job, _free_port
+from tests.container.conftest import Container, docker, training_job
+
+ENTRY_SCRIPTS = ["train", "serve", "docker/engine.sh", "docker/base-image.sh"]
+
+
+@pytest.mark.parametrize("name", ENTRY_SCRIPTS)
+def test_entry_scripts_have_lf_endings_and_run_bits(name: str) -> None:
+    # CRLF gives "/usr/bin/env: 'python3\\r'"; a missing run bit gives "executable file not found".
+    assert b"\r" not in (ROOT / name).read_bytes()
+    staged = subprocess.run(
+        ["git", "ls-files", "--stage", name], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert staged.stdout.startswith("100755 "), staged.stdout
+
+
+@pytest.fixture(scope="module")
+def trained(image: str, tmp_path_factory: pytest.TempPathFactory, dataset: Path) -> tuple[Job, str]:
+    """A job trained in the container; its stdout."""
+    job = training_job(tmp_path_factory.mktemp("container"), dataset)
+    done = Container(image, job.base).run(["train"])
+    assert done.returncode == 0, done.stderr
+    return job, done.stdout
+
+
+def test_train_writes_the_artifact_reports_and_metric_lines(trained: tuple[Job, str]) -> None:
+    job, stdout = trained
+    assert {p.name for p in job.opt_ml.model_dir.iterdir()} >= {
+        "model.pt",
+        "classes.json",
+        "model_meta.json",
+    }
+    test_images = [p for p in job.opt_ml.channel_dir("test").rglob("*") if p.is_file()]
+    assert job.report("evaluation.json")["splits"]["test"]["images"] == len(test_images)
+    assert (job.opt_ml.output_data_dir / "profile.html").is_file()
+    lines = [line for line in stdout.splitlines() if line.endswith(";")]
+    assert [line.split()[0] for line in lines] == ["epoch=1", "epoch=2", "epoch=3", "test", "final"]
+
+
+def test_a_bad_hyperparameter_fails_with_the_failure_file(
+    image: str, tmp_path: Path, dataset: Path
+) -> None:
+    job = training_job(tmp_path, dataset)
+    job.set_hyperparameters({"optimizer": "adam"})
+    done = Container(image, job.base).run(["train"])
+    assert done.returncode == 1
+    failure = job.failure()
+    assert failure is not None
+    assert failure.startswith("ConfigError: Hyperparameter optimizer='adam' is invalid")
+
+
+def test_other_commands_pass_through_and_the_image_has_no_compiler(image: str) -> None:
+    done = docker("run", "--rm", image, "sh", "-c", "command -v gcc cc || echo none")
+    assert done.stdout.strip() == "none"
+    labels = json.loads(docker("inspect", "--format", "{{json .Config.Labels}}", image).stdout)
+    assert labels["com.amazonaws.sagemaker.capabilities.accept-bind-to-port"] == "true"
+
+
+def test_serve_answers_jpegs_and_stops_cleanly(image: str, trained: tuple[Job, str]) -> None:
+    job, _ = trained
+    port = _free_port()
+    name = f"serve-{port}"
+    mount = f"{job.base}:/opt/ml"
+    docker("run", "--detach", "--name", name, "--volume", mount,
+           "--publish", f"127.0.0.1:{port}:8080", image, "serve")  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        status = None
+        while time.monotonic() < deadline and status != 200:
+            try:
+                status = httpx.get(f"{url}/ping", timeout=5).status_code
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert status == 200, docker("logs", name, check=False).stderr
+        for jpeg in sorted(job.opt_ml.channel_dir("test").rglob("*.jpg"))[:4]:
+            response = httpx.post(
+                f"{url}/invocations",
+                content=jpeg.read_bytes(),
+                headers={"Content-Type": "image/jpeg"},
+                timeout=60,
+            )
+            assert response.status_code == 200, response.text
+            assert len(response.json()["predictions"]) == 4
+        started = time.monotonic()
+        docker("stop", "--time", "30", name)
+        assert time.monotonic() - started < 30
+        state = json.loads(docker("inspect", "--format", "{{json .State}}", name).stdout)
+        assert state["ExitCode"] == 0, docker("logs", name, check=False).stderr
+    finally:
+        docker("rm", "--force", name, check=False)
