@@ -6,7 +6,7 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.t
 DEMO ?= opt_ml
 TS_VENV ?= /tmp/ts
 
-.PHONY: install test lint run bench bench-serve clean
+.PHONY: install test lint run bench bench-serve container-deps clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,7 +20,12 @@ lint: install ## formatting, lint and strict typing
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-test: lint ## the whole test suite (what CI runs)
+container-deps: ## a docker engine, the base image and the host's CA certificates for the image build
+	docker/engine.sh
+	docker/base-image.sh byoc-base:bookworm
+	cp /usr/local/share/ca-certificates/*.crt docker/ca/ 2>/dev/null || true
+
+test: lint container-deps ## the whole test suite (what CI runs)
 	$(VENV)/bin/pytest
 
 run: install ## train a demo model if there is none, then serve it on :8080 (DATA=dataset or model.tar.gz)
