@@ -10,7 +10,7 @@ TS_VENV ?= /tmp/ts
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) -e '.[train,serve,dev]'
+	$(PIP) -e '.[train,serve,launch,dev]'
 	touch $@
 
 install: $(VENV)/.installed ## create .venv with everything the project needs

@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
-# A docker engine for the container tests: Debian's docker.io (and mmdebstrap, docker-compose)
-# installed when missing, dockerd started in the background when no engine answers.
+# A docker engine for the container tests: Debian's docker.io, mmdebstrap, docker-compose (v1) and
+# docker-registry (a local registry for the push test) installed when missing; dockerd started in
+# the background when no engine answers.
 set -euo pipefail
-if ! command -v dockerd >/dev/null || ! command -v mmdebstrap >/dev/null; then
+missing=()
+for pair in dockerd:docker.io mmdebstrap:mmdebstrap docker-compose:docker-compose \
+  docker-registry:docker-registry; do
+  command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
-    echo "The container tests need docker.io and mmdebstrap; install them (as root) and rerun." >&2
+    echo "The container tests need ${missing[*]}; install them (as root) and rerun." >&2
     exit 1
   fi
   apt-get update -q
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker.io mmdebstrap docker-compose
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 if docker info >/dev/null 2>&1; then
   exit 0
