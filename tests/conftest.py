@@ -9,11 +9,12 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from container.sagemaker_env import OptMl
@@ -153,3 +154,66 @@ def job(tmp_path: Path, dataset: Path) -> Job:
     job.set_channels("train", "valid", "test")
     job.set_hyperparameters(FAST)
     return job
+
+
+VENV_BIN = Path(sys.executable).parent  # not resolved: the venv's bin, not the base Python's
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real moto_server process on a free port, for every AWS API test; its URL."""
+    log = tmp_path_factory.mktemp("moto") / "moto_server.log"
+    port = _free_port()
+    with log.open("w") as sink:  # a file, not a pipe: moto logs every request and would fill one
+        process = subprocess.Popen(
+            [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{url}/moto-api/", process, log)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture
+def aws_env(moto_server: str) -> dict[str, str]:
+    """The environment for the AWS CLI and boto3, aimed at moto_server with fake credentials.
+
+    Every AWS_* variable of the caller is dropped and the config files point at nothing, so the
+    user's own profiles, credentials and region can never be used; the venv's `aws` comes first.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    return {
+        **env,
+        "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+        "AWS_ENDPOINT_URL": moto_server,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        # Missing credentials fail at once instead of after a probe of the instance metadata.
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+
+
+def wait_for_http(
+    url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 60
+) -> None:
+    """Poll `url` until it answers; fail with the process's log if it exits or stays silent."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(
+                f"{process.args[0]} exited {process.returncode}:\n{log.read_text()}"
+            )
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise AssertionError(f"{url} did not answer within {timeout} s:\n{log.read_text()}")
