@@ -16,6 +16,15 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 
+# The dependency list of pyproject.toml alone, so that editing the project's code or its tool
+# settings does not reinstall torch: the next stage's COPY of this file is a cache hit unless the
+# dependencies themselves changed.
+FROM runtime AS requirements
+COPY pyproject.toml /src/
+RUN python3 -c 'import tomllib; p = tomllib.load(open("/src/pyproject.toml", "rb"))["project"]; \
+extras = p["optional-dependencies"]; \
+print("\n".join(p["dependencies"] + extras["train"] + extras["serve"]))' > /requirements.txt
+
 FROM runtime AS build
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
 ARG BAKE_WEIGHTS=1
@@ -27,21 +36,24 @@ RUN update-ca-certificates \
     && apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev python3-dev python3-venv \
     && python3 -m venv /opt/venv
-COPY pyproject.toml constraints.txt README.md /src/
-COPY container /src/container
+COPY constraints.txt /src/
+COPY --from=requirements /requirements.txt /src/
 RUN /opt/venv/bin/pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
-        -c /src/constraints.txt "/src[train,serve]"
+        -c /src/constraints.txt -r /src/requirements.txt
 RUN mkdir -p /opt/torch && if [ "$BAKE_WEIGHTS" = 1 ]; then \
         TORCH_HOME=/opt/torch /opt/venv/bin/python -c \
         "import torchvision; torchvision.models.resnet18(weights='IMAGENET1K_V1')" \
         || { echo "Cannot download the ResNet18 weights; build with --build-arg BAKE_WEIGHTS=0" >&2; exit 1; }; \
     fi
 
+# The project's code goes in last and on its own, so a code change rebuilds only these layers.
 FROM runtime
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/torch /opt/torch
+COPY container /opt/program/container
 COPY train serve /opt/program/
 ENV PATH=/opt/program:/opt/venv/bin:$PATH \
+    PYTHONPATH=/opt/program \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     TORCH_HOME=/opt/torch
