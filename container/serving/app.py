@@ -348,16 +348,20 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
     @app.get("/execution-parameters")
     async def execution_parameters() -> dict[str, Any]:
-        """What batch transform should send: as many requests as one batch takes, in MultiRecord.
+        """What batch transform should send: one image per request, as many at once as one batch
+        takes (the server's batcher then fills the model's batches).
 
-        SageMaker requires MaxConcurrentTransforms x MaxPayloadInMB <= 100; local mode copies
-        BatchStrategy verbatim and accepts only the API's spelling.
+        SingleRecord: a record here is an image file, and image bytes cannot be concatenated into
+        one body (the SDK's local mode even fails on MultiRecord with unsplit binary files); a job
+        over JSON Lines can still ask for MultiRecord with SplitType Line. The API's spelling,
+        which local mode copies verbatim. SageMaker requires MaxConcurrentTransforms x
+        MaxPayloadInMB <= 100.
         """
         payload_mb = math.ceil(settings.max_payload_mb)
         concurrency = min(state.max_batch_size * settings.workers, 100 // payload_mb)
         return {
             "MaxConcurrentTransforms": settings.max_concurrent_transforms or concurrency,
-            "BatchStrategy": "MultiRecord",
+            "BatchStrategy": "SingleRecord",
             "MaxPayloadInMB": payload_mb,
         }
 

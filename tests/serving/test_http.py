@@ -320,7 +320,7 @@ def test_execution_parameters(server: Server) -> None:
     response = server.client.get("/execution-parameters")
     assert response.status_code == 200
     parameters = response.json()
-    assert parameters["BatchStrategy"] in ("MultiRecord", "SingleRecord")  # the API's spelling
+    assert parameters["BatchStrategy"] == "SingleRecord"  # the API's spelling, one image each
     assert parameters["MaxPayloadInMB"] == 6
     assert 1 <= parameters["MaxConcurrentTransforms"] * parameters["MaxPayloadInMB"] <= 100
 
