@@ -1,0 +1,169 @@
+"""SageMaker's own client drives the image: the Python SDK v2 in local mode (docker-compose).
+
+These are the code paths SageMaker runs: the SDK writes the config files, mounts the channels,
+runs `train`, tars /opt/ml/model, starts `serve` on host port 8080 for an endpoint and for a batch
+transform (after reading GET /execution-parameters). Anything they trip over is an image bug.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import shutil
+import socket
+import tarfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import boto3
+import pytest
+from sagemaker.deserializers import JSONDeserializer
+from sagemaker.estimator import Estimator
+from sagemaker.local import LocalSession
+from sagemaker.model import Model
+from sagemaker.predictor import Predictor
+from sagemaker.serializers import IdentitySerializer
+
+from tests.conftest import FAST
+from tests.container.conftest import docker
+
+ROLE = "arn:aws:iam::111111111111:role/SageMakerRole"
+SDK_CONFIG = """\
+SchemaVersion: '1.0'
+SageMaker:
+  PythonSDK:
+    Modules:
+      TelemetryOptOut: true
+"""
+
+
+@contextmanager
+def sdk_leaks_pipes() -> Iterator[None]:
+    """Local mode drops docker-compose's Popen with its stdout pipe open (ResourceWarning)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        yield
+        gc.collect()
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSession]:
+    """A local-mode session with telemetry off, fake credentials and its temp files under tmp."""
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", 8080)) == 0:
+            pytest.fail("host port 8080 is in use: local mode publishes endpoints there; free it")
+    root = tmp_path_factory.mktemp("sagemaker-local")
+    (root / "config.yaml").write_text(SDK_CONFIG)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("SAGEMAKER_USER_CONFIG_OVERRIDE", str(root / "config.yaml"))
+        env.setenv("SAGEMAKER_ADMIN_CONFIG_OVERRIDE", str(root / "config.yaml"))
+        boto = boto3.Session(
+            aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
+        )
+        local = LocalSession(boto_session=boto)
+        local.config = {"local": {"local_code": True, "container_root": str(root)}}
+        yield local
+
+
+@pytest.fixture(autouse=True)
+def no_container_outlives_its_test(image: str) -> Iterator[None]:
+    """Local mode leaves its containers behind: stopped ones, and after a failed deploy a running
+    one that holds port 8080 (and keeps the SDK's docker-compose thread alive)."""
+    yield
+    left = docker("ps", "--all", "--quiet", "--filter", f"ancestor={image}").stdout.split()
+    if left:
+        docker("rm", "--force", *left)
+
+
+@pytest.fixture(scope="module")
+def model_data(
+    image: str, session: LocalSession, dataset: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """Estimator(image_uri=...).fit(file:// channels) -> the model.tar.gz the SDK wrote."""
+    output = tmp_path_factory.mktemp("estimator-output")
+    estimator = Estimator(
+        image_uri=image,
+        role=ROLE,
+        instance_count=1,
+        instance_type="local",
+        output_path=f"file://{output}",
+        hyperparameters={**FAST, "image_size": 64, "epochs": 2, "lr": 0.02},
+        sagemaker_session=session,
+    )
+    with sdk_leaks_pipes():
+        estimator.fit(
+            {split: f"file://{dataset / split}" for split in ("train", "valid", "test")},
+            job_name="local-estimator-fit",
+        )
+    return Path(estimator.model_data.removeprefix("file://"))
+
+
+def test_estimator_fit_trains_in_the_container(model_data: Path) -> None:
+    with tarfile.open(model_data) as tar:
+        names = set(tar.getnames())
+    assert {"model.pt", "classes.json", "model_meta.json"} <= names
+
+
+@pytest.fixture(scope="module")
+def model(image: str, session: LocalSession, model_data: Path) -> Model:
+    return Model(
+        image_uri=image,
+        model_data=f"file://{model_data}",
+        role=ROLE,
+        sagemaker_session=session,
+        name="local-dog-model",
+    )
+
+
+def _test_jpegs(dataset: Path, count: int) -> list[Path]:
+    return sorted((dataset / "test").rglob("*.jpg"))[:count]
+
+
+def test_deploy_and_predict_jpeg_bytes(model: Model, session: LocalSession, dataset: Path) -> None:
+    with sdk_leaks_pipes():
+        model.deploy(initial_instance_count=1, instance_type="local", endpoint_name="local-dog")
+    predictor = Predictor(
+        "local-dog",
+        sagemaker_session=session,
+        serializer=IdentitySerializer("image/jpeg"),
+        deserializer=JSONDeserializer(),
+    )
+    try:
+        classes = sorted(p.name for p in (dataset / "test").iterdir())
+        for jpeg in _test_jpegs(dataset, 3):
+            result = predictor.predict(jpeg.read_bytes())
+            predictions = result["predictions"]
+            assert len(predictions) == len(classes)
+            assert sorted(p["index"] for p in predictions) == list(range(len(classes)))
+            assert sum(p["probability"] for p in predictions) == pytest.approx(1.0, abs=1e-3)
+    finally:
+        with sdk_leaks_pipes():
+            predictor.delete_endpoint(delete_endpoint_config=True)
+
+
+def test_batch_transform_writes_one_out_per_jpeg(
+    model: Model, dataset: Path, tmp_path: Path
+) -> None:
+    inputs = tmp_path / "in"  # flat: local mode lists a file:// folder without recursing
+    inputs.mkdir()
+    for jpeg in _test_jpegs(dataset, 5):
+        shutil.copy(jpeg, inputs / jpeg.name)
+    output = tmp_path / "out"
+    transformer = model.transformer(
+        instance_count=1,
+        instance_type="local",
+        output_path=f"file://{output}",
+        accept="application/json",
+    )
+    with sdk_leaks_pipes():
+        transformer.transform(
+            f"file://{inputs}", content_type="image/jpeg", job_name="local-transform", logs=False
+        )
+        transformer.wait(logs=False)
+    outs = sorted(p.name for p in output.iterdir())
+    assert outs == sorted(f"{p.name}.out" for p in inputs.iterdir())
+    for out in outs:
+        top = json.loads((output / out).read_text())["predictions"][0]
+        assert 0.0 <= top["probability"] <= 1.0
