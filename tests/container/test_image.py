@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import ROOT, Job, _free_port
 from tests.container.conftest import Container, docker, training_job
 
-ENTRY_SCRIPTS = ["train", "serve", "docker/engine.sh", "docker/base-image.sh"]
+ENTRY_SCRIPTS = ["train", "serve", "push_to_ecr.sh", "docker/engine.sh", "docker/base-image.sh"]
 
 
 @pytest.mark.parametrize("name", ENTRY_SCRIPTS)

@@ -89,18 +89,6 @@ def assert_one_line_error(done: subprocess.CompletedProcess[str], message: str) 
     assert done.stderr.count("\n") == 1, done.stderr
 
 
-def test_script_has_lf_endings_and_a_run_bit() -> None:
-    assert b"\r" not in SCRIPT.read_bytes()
-    staged = subprocess.run(
-        ["git", "ls-files", "--stage", SCRIPT.name],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert staged.stdout.startswith("100755 "), staged.stdout
-
-
 def test_push_creates_the_repository_and_pushes_the_version_and_latest(
     image: str, registry: str, aws_env: dict[str, str], tmp_path: Path
 ) -> None:
