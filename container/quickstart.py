@@ -3,10 +3,12 @@
     python -m container.quickstart                  # sample data -> demo model -> server
     python -m container.quickstart ~/dogImages.zip  # the dog dataset (zip or folder) -> server
     python -m container.quickstart model.tar.gz     # an existing model -> server
+    python -m container.quickstart --prepare        # lay out the tree only (docker-compose.yml)
 
-It lays out an /opt/ml tree the way SageMaker would (default ./opt_ml), runs the real `train` on it
-when there is no model yet, then replaces itself with the real `serve`. A model already in the tree
-is served as it is; delete opt_ml/model to train again.
+It lays out an /opt/ml tree the way SageMaker would (default ./opt_ml): the dataset's channels, or
+the data already in the tree, or a generated sample when there is none, and the config files for
+them. Then it runs the real `train` when there is no model yet and replaces itself with the real
+`serve`. A model already in the tree is served as it is; delete opt_ml/model to train again.
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from container.archives import is_archive
 from container.model import META_FILE
-from container.sample_data import SampleSpec, make_opt_ml
+from container.sample_data import SampleSpec, make_dataset
 
-__all__ = ["DEMO_HYPERPARAMETERS", "DOG_HYPERPARAMETERS", "main"]
+__all__ = ["DEMO_HYPERPARAMETERS", "DOG_HYPERPARAMETERS", "main", "prepare"]
 
 DEMO_HYPERPARAMETERS = {
     "epochs": 5,
@@ -39,16 +42,18 @@ DOG_HYPERPARAMETERS = {"epochs": 6, "frozen_epochs": 1, "lr": 0.01}
 """Fine-tuning ImageNet ResNet18 on the dog dataset: head first, then everything."""
 
 
+_SAMPLE_MARK = ".generated-sample"
+"""Left in input/data beside a generated sample, so a later run keeps the demo's settings."""
+
+
 def _write_config(opt_ml: Path, name: str, content: object) -> None:
     config = opt_ml / "input" / "config"
     config.mkdir(parents=True, exist_ok=True)
     (config / name).write_text(json.dumps(content, indent=1))
 
 
-def _dataset(opt_ml: Path, source: Path) -> None:
+def _link_dataset(data: Path, source: Path) -> None:
     """Each channel gets the dataset (folder: its split; archive: the whole archive)."""
-    data = opt_ml / "input" / "data"
-    channels = []
     for split in ("train", "valid", "test"):
         target = data / split
         if is_archive(source):
@@ -60,14 +65,41 @@ def _dataset(opt_ml: Path, source: Path) -> None:
             target.parent.mkdir(parents=True, exist_ok=True)
             if not target.exists():
                 target.symlink_to((source / split).resolve())
-        else:
-            continue
-        channels.append(split)
+
+
+def prepare(opt_ml: Path, source: Path | None, overrides: Mapping[str, object]) -> None:
+    """Lay out `opt_ml` for `train` and write its config files.
+
+    The data: `source` linked in, else what the tree already holds, else a generated sample. The
+    hyperparameters: the defaults for that data (the demo's for the sample, fine-tuning for real
+    data), with `overrides` on top, written as strings the way SageMaker writes them.
+    """
+    data = opt_ml / "input" / "data"
+    if source is not None:
+        _link_dataset(data, source)
+        (data / _SAMPLE_MARK).unlink(missing_ok=True)
+    elif not data.is_dir() or not any(p.is_dir() for p in data.iterdir()):
+        make_dataset(data, SampleSpec())
+        (data / _SAMPLE_MARK).touch()
+    channels = sorted(p.name for p in data.iterdir() if p.is_dir())
+    if "train" not in channels:
+        raise SystemExit(f"{data} has no train/ folder: put the dataset's train/ valid/ there")
+    defaults = DEMO_HYPERPARAMETERS if (data / _SAMPLE_MARK).exists() else DOG_HYPERPARAMETERS
+    values = {key: str(value) for key, value in {**defaults, **overrides}.items()}
+    _write_config(opt_ml, "hyperparameters.json", values)
     _write_config(
         opt_ml, "inputdataconfig.json", {c: {"TrainingInputMode": "File"} for c in channels}
     )
-    values = {key: str(value) for key, value in DOG_HYPERPARAMETERS.items()}
-    _write_config(opt_ml, "hyperparameters.json", values)
+
+
+def _hyperparameters(text: str) -> dict[str, object]:
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc}): {text!r}") from exc
+    if not isinstance(values, dict):
+        raise argparse.ArgumentTypeError(f'not a JSON object like {{"epochs": 3}}: {text!r}')
+    return values
 
 
 def _train(opt_ml: Path) -> None:
@@ -91,21 +123,35 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--opt-ml", type=Path, default=Path("opt_ml"), help="the /opt/ml tree")
     parser.add_argument("--port", type=int, default=8080, help="port to serve on")
+    parser.add_argument(
+        "--hyperparameters",
+        type=_hyperparameters,
+        default=os.environ.get("HYPERPARAMETERS") or "{}",
+        help="JSON object over the defaults, e.g. '{\"epochs\": 3}' (default: $HYPERPARAMETERS)",
+    )
+    parser.add_argument(
+        "--prepare",
+        action="store_true",
+        help="only lay out the tree and write its config files (what docker-compose.yml runs)",
+    )
     args = parser.parse_args(argv)
     opt_ml: Path = args.opt_ml.resolve()
     model = opt_ml / "model"
     source: Path | None = args.source
     if source is not None and not source.exists():
         raise SystemExit(f"{source} does not exist")
-    if source is not None and source.name.endswith((".tar.gz", ".tgz")) and source.is_file():
+    model_archive = source is not None and source.name.endswith((".tar.gz", ".tgz"))
+    if args.prepare:
+        if model_archive:
+            raise SystemExit("--prepare lays out training data; a model.tar.gz needs no training")
+        prepare(opt_ml, source, args.hyperparameters)
+        return
+    if source is not None and model_archive:
         shutil.rmtree(model, ignore_errors=True)
         model.mkdir(parents=True)
         shutil.copy(source, model / source.name)  # the server unpacks it
     elif not (model / META_FILE).exists():
-        if source is not None:
-            _dataset(opt_ml, source)
-        elif not (opt_ml / "input" / "data").exists():
-            make_opt_ml(opt_ml, SampleSpec(), DEMO_HYPERPARAMETERS)
+        prepare(opt_ml, source, args.hyperparameters)
         _train(opt_ml)
     sample = next((opt_ml / "input" / "data" / "test").rglob("*.jpg"), None)
     if sample is not None:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
+import pytest
+
 from container.model import class_name
+from container.quickstart import DOG_HYPERPARAMETERS, prepare
 from container.sagemaker_env import OptMl
 from tests.conftest import ROOT, _free_port
 from tests.serving.conftest import Server
@@ -59,3 +64,26 @@ def test_a_model_archive_is_served_as_it_is(trained: OptMl, tmp_path: Path) -> N
     assert response.status_code == 200, response.text
     assert server.stop() == 0
     assert "Training a model" not in server.logs()
+
+
+def test_prepare_configures_the_data_already_in_the_tree(dataset: Path, tmp_path: Path) -> None:
+    opt_ml = OptMl(tmp_path / "opt_ml")
+    shutil.copytree(dataset / "train", opt_ml.channel_dir("train"))
+    shutil.copytree(dataset / "valid", opt_ml.channel_dir("valid"))
+    prepare(opt_ml.base, None, {"epochs": 3, "lr": 0.003})
+    assert json.loads(opt_ml.inputdataconfig_file.read_text()) == {
+        "train": {"TrainingInputMode": "File"},
+        "valid": {"TrainingInputMode": "File"},
+    }
+    written = json.loads(opt_ml.hyperparameters_file.read_text())
+    assert written == {
+        **{k: str(v) for k, v in DOG_HYPERPARAMETERS.items()},
+        "epochs": "3",
+        "lr": "0.003",
+    }
+
+
+def test_prepare_without_a_train_folder_says_where_it_looked(tmp_path: Path) -> None:
+    (tmp_path / "opt_ml" / "input" / "data" / "valid").mkdir(parents=True)
+    with pytest.raises(SystemExit, match=r"input/data has no train/ folder"):
+        prepare(tmp_path / "opt_ml", None, {})
