@@ -72,18 +72,8 @@ def test_up_trains_on_a_generated_sample_then_serves_it(compose: Compose) -> Non
     metric_lines = [x for x in compose("logs", "train").stdout.splitlines() if x.endswith(";")]
     assert any("final best_epoch=" in line for line in metric_lines)
 
-    url = f"http://127.0.0.1:{compose.port}"
-    with httpx.Client(base_url=url, timeout=60) as client:
-        status = None
-        for _ in range(600):
-            try:
-                status = client.get("/ping").status_code
-            except httpx.TransportError:
-                status = None
-            if status == 200:
-                break
-            time.sleep(0.2)
-        assert status == 200, compose("logs", "serve").stdout
+    with httpx.Client(base_url=f"http://127.0.0.1:{compose.port}", timeout=60) as client:
+        _wait_until_ready(client, compose)
         jpeg = next((compose.opt_ml / "input/data/test").rglob("*.jpg"))
         response = client.post(
             "/invocations", content=jpeg.read_bytes(), headers={"Content-Type": "image/jpeg"}
@@ -91,9 +81,26 @@ def test_up_trains_on_a_generated_sample_then_serves_it(compose: Compose) -> Non
         assert response.status_code == 200, response.text
         assert len(response.json()["predictions"]) == 4
 
-    stop = compose("stop", "serve")
-    assert stop.returncode == 0, stop.stderr
-    assert compose.exit_code("serve") == 0, compose("logs", "serve").stdout
+        stop = compose("stop", "serve")
+        assert stop.returncode == 0, stop.stderr
+        assert compose.exit_code("serve") == 0, compose("logs", "serve").stdout
+
+        again = compose("up", "--detach", "--no-deps", "serve")  # the trained model, no training
+        assert again.returncode == 0, again.stderr
+        _wait_until_ready(client, compose)
+
+
+def _wait_until_ready(client: httpx.Client, compose: Compose) -> None:
+    status = None
+    for _ in range(600):
+        try:
+            status = client.get("/ping").status_code
+        except httpx.TransportError:
+            status = None
+        if status == 200:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"/ping answered {status}:\n{compose('logs', 'serve').stdout}")
 
 
 def test_a_failed_training_stops_the_flow_before_serve(compose: Compose) -> None:
