@@ -61,11 +61,17 @@ def test_a_bad_hyperparameter_fails_with_the_failure_file(
     assert failure.startswith("ConfigError: Hyperparameter optimizer='adam' is invalid")
 
 
-def test_other_commands_pass_through_and_the_image_has_no_compiler(image: str) -> None:
-    done = docker("run", "--rm", image, "sh", "-c", "command -v gcc cc || echo none")
-    assert done.stdout.strip() == "none"
-    labels = json.loads(docker("inspect", "--format", "{{json .Config.Labels}}", image).stdout)
-    assert labels["com.amazonaws.sagemaker.capabilities.accept-bind-to-port"] == "true"
+def test_other_commands_pass_through_and_the_image_holds_only_what_runs(image: str) -> None:
+    probe = "for c in gcc cc c++ make; do command -v $c; done; ls /opt/ml /root/.cache; echo end"
+    done = docker("run", "--rm", image, "sh", "-c", probe)
+    assert done.stdout.strip() == "end"  # no compiler, nothing in /opt/ml, no caches
+    assert (
+        "/opt/venv/bin/python3"
+        in docker("run", "--rm", image, "sh", "-c", "command -v python3").stdout
+    )
+    config = json.loads(docker("inspect", "--format", "{{json .Config}}", image).stdout)
+    assert config["Labels"]["com.amazonaws.sagemaker.capabilities.accept-bind-to-port"] == "true"
+    assert "PYTHONUNBUFFERED=1" in config["Env"]
 
 
 def test_serve_answers_jpegs_and_stops_cleanly(image: str, trained: tuple[Job, str]) -> None:
