@@ -5,7 +5,9 @@
 #   BASE_IMAGE       Debian or Ubuntu with Python >= 3.11 (bookworm has 3.11). The CUDA user-space
 #                    libraries come with the torch wheel, so the same base serves CPU and GPU builds.
 #   TORCH_INDEX_URL  where torch/torchvision come from: a CUDA 12.x build by default, which runs on
-#                    the 535+ drivers every SageMaker GPU host has (CONTRACT.md §1.5);
+#                    the 535+ drivers every SageMaker GPU host has (CONTRACT.md §1.5); PyPI's is
+#                    CUDA 13 (driver 580+). torch 2.14 is the last release with CUDA 12.6 wheels
+#                    (pytorch/pytorch#190385): a later torch needs cuda-compat for 535 hosts.
 #                    https://download.pytorch.org/whl/cpu for a slim CPU image; empty for PyPI's.
 #   BAKE_WEIGHTS     1: download torchvision's ImageNet ResNet18 weights into the image, so that
 #                    `pretrained=true` works under network isolation; 0: leave them out.
