@@ -1,0 +1,56 @@
+"""The AWS side of every command: one boto3 session and one SageMaker session, built once from the
+common settings, and the names, URIs and links the commands print."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import boto3
+from sagemaker.session import Session
+
+from launch.settings import Common
+
+__all__ = ["Aws", "console_url", "job_name"]
+
+
+@dataclass(frozen=True)
+class Aws:
+    """Sessions for one region, and the bucket the commands put things in."""
+
+    boto: boto3.Session
+    sagemaker: Session
+    common: Common
+
+    @classmethod
+    def connect(cls, common: Common) -> Aws:
+        """Sessions for the region of the settings, else the AWS CLI's (NoRegionError if none)."""
+        boto = boto3.Session(region_name=common.region)
+        session = Session(boto_session=boto, default_bucket=common.bucket)
+        return cls(boto, session, common)
+
+    @property
+    def region(self) -> str:
+        return str(self.boto.region_name)
+
+    @property
+    def bucket(self) -> str:
+        """The settings' bucket, else SageMaker's default one (created if missing)."""
+        return str(self.sagemaker.default_bucket())
+
+    def s3_uri(self, *parts: str) -> str:
+        return "s3://" + "/".join([self.bucket, self.common.prefix, *parts])
+
+
+def job_name(prefix: str, kind: str, limit: int = 63) -> str:
+    """An explicit, unique name: prefix-kind-timestamp, cut to `limit` characters (63 for most
+    SageMaker names, 32 for tuning jobs) from the front of prefix-kind."""
+    stamp = time.strftime("%y%m%d-%H%M%S", time.gmtime())
+    head = f"{prefix}-{kind}"[: limit - len(stamp) - 1].rstrip("-")
+    return f"{head}-{stamp}"
+
+
+def console_url(region: str, kind: str, name: str) -> str:
+    """The SageMaker console page of a job or endpoint (kind: jobs, hyper-tuning-jobs, endpoints,
+    transform-jobs)."""
+    return f"https://{region}.console.aws.amazon.com/sagemaker/home?region={region}#/{kind}/{name}"

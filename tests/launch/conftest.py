@@ -1,0 +1,81 @@
+"""`launch` as a user runs it: a real process, against moto_server (a real AWS API on 127.0.0.1).
+
+What SageMaker would receive is read back from moto with boto3 (describe_* of what was created).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import boto3
+import httpx
+import pytest
+
+from tests.conftest import ROOT
+
+ROLE = "arn:aws:iam::123456789012:role/SageMakerRole"
+IMAGE_URI = "123456789012.dkr.ecr.us-east-1.amazonaws.com/sagemaker-dog-classifier:test"
+SDK_CONFIG = """\
+SchemaVersion: '1.0'
+SageMaker:
+  PythonSDK:
+    Modules:
+      TelemetryOptOut: true
+"""
+
+
+@dataclass
+class Launch:
+    """Runs `python -m launch` with an environment aimed at moto, in a working folder of its own."""
+
+    env: dict[str, str]
+    cwd: Path
+    common: list[str] = field(default_factory=lambda: ["--role", ROLE, "--image-uri", IMAGE_URI])
+
+    def __call__(
+        self, *args: str, env: Mapping[str, str] | None = None, timeout: float = 300
+    ) -> subprocess.CompletedProcess[str]:
+        """`launch COMMAND ARGS... --role ROLE --image-uri URI`; its exit status is not checked."""
+        return subprocess.run(
+            [sys.executable, "-m", "launch", *args, *self.common],
+            cwd=self.cwd,
+            env={**self.env, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def ok(self, *args: str) -> subprocess.CompletedProcess[str]:
+        done = self(*args)
+        assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+        return done
+
+    def client(self, service: str) -> Any:
+        """A boto3 client on moto, to read back what the command created."""
+        return boto3.Session(region_name="us-east-1").client(
+            service, endpoint_url=self.env["AWS_ENDPOINT_URL"]
+        )
+
+
+@pytest.fixture
+def launch(aws_env: dict[str, str], tmp_path: Path) -> Launch:
+    """`launch` against a freshly reset moto with fake credentials, the SDK's telemetry off, run
+    from a folder of its own."""
+    httpx.post(f"{aws_env['AWS_ENDPOINT_URL']}/moto-api/reset").raise_for_status()
+    config = tmp_path / "sagemaker-sdk.yaml"
+    config.write_text(SDK_CONFIG)
+    env = {
+        **aws_env,
+        "SAGEMAKER_USER_CONFIG_OVERRIDE": str(config),
+        "SAGEMAKER_ADMIN_CONFIG_OVERRIDE": str(config),
+        "PYTHONPATH": str(ROOT),
+    }
+    work = tmp_path / "work"
+    work.mkdir()
+    return Launch(env, work)
