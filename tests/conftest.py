@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -164,19 +165,45 @@ def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real moto_server process on a free port, for every AWS API test; its URL."""
     log = tmp_path_factory.mktemp("moto") / "moto_server.log"
     port = _free_port()
-    with log.open("w") as sink:  # a file, not a pipe: moto logs every request and would fill one
-        process = subprocess.Popen(
-            [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
     url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_http(f"{url}/moto-api/", process, log)
+    args = [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
+    with background(args, log, f"{url}/moto-api/"):
         yield url
+
+
+@contextmanager
+def background(args: Sequence[str], log: Path, ready_url: str) -> Iterator[None]:
+    """A server process, its output in `log` (a file, not a pipe, which a chatty server such as
+    moto would fill), ready once `ready_url` answers; terminated at the end."""
+    with log.open("w") as sink:
+        process = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        wait_for_http(ready_url, process, log)
+        yield
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+SAGEMAKER_SDK_CONFIG = """\
+SchemaVersion: '1.0'
+SageMaker:
+  PythonSDK:
+    Modules:
+      TelemetryOptOut: true
+"""
+
+
+@pytest.fixture(scope="session")
+def sagemaker_sdk_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Environment variables that give the SageMaker SDK a config with its telemetry off (the SDK
+    rejects a config file without SchemaVersion)."""
+    config = tmp_path_factory.mktemp("sagemaker-sdk") / "config.yaml"
+    config.write_text(SAGEMAKER_SDK_CONFIG)
+    return {
+        "SAGEMAKER_USER_CONFIG_OVERRIDE": str(config),
+        "SAGEMAKER_ADMIN_CONFIG_OVERRIDE": str(config),
+    }
 
 
 @pytest.fixture

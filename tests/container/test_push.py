@@ -14,7 +14,7 @@ import boto3
 import httpx
 import pytest
 
-from tests.conftest import ROOT, _free_port, wait_for_http
+from tests.conftest import ROOT, _free_port, background
 from tests.container.conftest import BASE_IMAGE, docker
 
 SCRIPT = ROOT / "push_to_ecr.sh"
@@ -46,19 +46,11 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "http": {"addr": host},
     }
     (base / "config.yml").write_text(json.dumps(config))
-    log = base / "registry.log"
-    with log.open("w") as sink:
-        process = subprocess.Popen(
-            ["docker-registry", "serve", str(base / "config.yml")],
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
     try:
-        wait_for_http(f"http://{host}/v2/", process, log)
-        yield host
+        args = ["docker-registry", "serve", str(base / "config.yml")]
+        with background(args, base / "registry.log", f"http://{host}/v2/"):
+            yield host
     finally:
-        process.terminate()
-        process.wait(timeout=30)
         shutil.rmtree(base)
         tags = docker("images", "--format", "{{.Repository}}:{{.Tag}}").stdout.split()
         ours = [tag for tag in tags if tag.startswith(f"{host}/")]

@@ -30,13 +30,6 @@ from tests.conftest import FAST
 from tests.container.conftest import docker
 
 ROLE = "arn:aws:iam::111111111111:role/SageMakerRole"
-SDK_CONFIG = """\
-SchemaVersion: '1.0'
-SageMaker:
-  PythonSDK:
-    Modules:
-      TelemetryOptOut: true
-"""
 
 
 @contextmanager
@@ -49,16 +42,17 @@ def sdk_leaks_pipes() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSession]:
+def session(
+    tmp_path_factory: pytest.TempPathFactory, sagemaker_sdk_env: dict[str, str]
+) -> Iterator[LocalSession]:
     """A local-mode session with telemetry off, fake credentials and its temp files under tmp."""
     with socket.socket() as probe:
         if probe.connect_ex(("127.0.0.1", 8080)) == 0:
             pytest.fail("host port 8080 is in use: local mode publishes endpoints there; free it")
     root = tmp_path_factory.mktemp("sagemaker-local")
-    (root / "config.yaml").write_text(SDK_CONFIG)
     with pytest.MonkeyPatch.context() as env:
-        env.setenv("SAGEMAKER_USER_CONFIG_OVERRIDE", str(root / "config.yaml"))
-        env.setenv("SAGEMAKER_ADMIN_CONFIG_OVERRIDE", str(root / "config.yaml"))
+        for name, value in sagemaker_sdk_env.items():
+            env.setenv(name, value)
         boto = boto3.Session(
             aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
         )

@@ -20,13 +20,6 @@ from tests.conftest import ROOT
 
 ROLE = "arn:aws:iam::123456789012:role/SageMakerRole"
 IMAGE_URI = "123456789012.dkr.ecr.us-east-1.amazonaws.com/sagemaker-dog-classifier:test"
-SDK_CONFIG = """\
-SchemaVersion: '1.0'
-SageMaker:
-  PythonSDK:
-    Modules:
-      TelemetryOptOut: true
-"""
 
 
 @dataclass
@@ -64,18 +57,11 @@ class Launch:
 
 
 @pytest.fixture
-def launch(aws_env: dict[str, str], tmp_path: Path) -> Launch:
+def launch(aws_env: dict[str, str], sagemaker_sdk_env: dict[str, str], tmp_path: Path) -> Launch:
     """`launch` against a freshly reset moto with fake credentials, the SDK's telemetry off, run
     from a folder of its own."""
     httpx.post(f"{aws_env['AWS_ENDPOINT_URL']}/moto-api/reset").raise_for_status()
-    config = tmp_path / "sagemaker-sdk.yaml"
-    config.write_text(SDK_CONFIG)
-    env = {
-        **aws_env,
-        "SAGEMAKER_USER_CONFIG_OVERRIDE": str(config),
-        "SAGEMAKER_ADMIN_CONFIG_OVERRIDE": str(config),
-        "PYTHONPATH": str(ROOT),
-    }
+    env = {**aws_env, **sagemaker_sdk_env, "PYTHONPATH": str(ROOT)}
     work = tmp_path / "work"
     work.mkdir()
     return Launch(env, work)
