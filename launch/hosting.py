@@ -1,0 +1,268 @@
+"""`launch deploy`: a model artifact behind a real-time or serverless endpoint, maybe autoscaled.
+
+The SDK v2 `Model(image_uri=...).deploy(...)` creates the model, the endpoint config and the
+endpoint, all with explicit names and the tags `cleanup` looks for. Autoscaling is Application Auto
+Scaling (the SDK has no wrapper for it): a scalable target on the variant's instance count and a
+target-tracking policy on invocations per instance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+from typing import Any
+
+from botocore.exceptions import WaiterError
+from sagemaker.model import Model
+from sagemaker.serverless.serverless_inference_config import ServerlessInferenceConfig
+
+from launch.aws import Aws, console_url, job_name
+from launch.errors import LaunchError
+from launch.settings import Common
+
+__all__ = [
+    "CREATED_BY",
+    "HELP",
+    "PREFIX_TAG",
+    "SCALABLE_DIMENSION",
+    "VARIANT",
+    "add_arguments",
+    "run",
+    "scalable_resource",
+    "tags",
+]
+
+HELP = "deploy a model.tar.gz to a real-time (or serverless) endpoint, optionally autoscaled"
+
+CREATED_BY = ("created-by", "launch")
+"""The tag on everything `deploy` creates; `cleanup` deletes only what carries it."""
+PREFIX_TAG = "launch-prefix"
+VARIANT = "AllTraffic"
+SCALABLE_DIMENSION = "sagemaker:variant:DesiredInstanceCount"
+SCALING_METRIC = "SageMakerVariantInvocationsPerInstance"
+AMI_VERSIONS = (
+    "al2-ami-sagemaker-inference-gpu-2",
+    "al2-ami-sagemaker-inference-gpu-2-1",
+    "al2-ami-sagemaker-inference-gpu-3-1",
+    "al2023-ami-sagemaker-inference-gpu-4-1",
+)
+"""ProductionVariant.InferenceAmiVersion values (CONTRACT.md §1.5): drivers 535, 535, 550, 580."""
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model-data", required=True, help="s3://.../model.tar.gz, as the training job wrote it"
+    )
+    parser.add_argument("--endpoint-name", help="(default: PREFIX-endpoint-TIMESTAMP)")
+    parser.add_argument(
+        "--instance-type",
+        default="ml.g4dn.xlarge",
+        help="hosting instance (default: %(default)s, a T4 GPU; ml.c5.xlarge for the CPU image)",
+    )
+    parser.add_argument("--instance-count", type=int, default=1, help="(default: %(default)s)")
+    parser.add_argument(
+        "--health-check-timeout",
+        type=int,
+        metavar="SECONDS",
+        help="ContainerStartupHealthCheckTimeoutInSeconds, 60-3600 (SageMaker's default: 8 min)",
+    )
+    parser.add_argument(
+        "--inference-ami-version",
+        choices=AMI_VERSIONS,
+        help="the host AMI, which fixes the GPU driver (gpu-2: driver 535 / CUDA 12.2)",
+    )
+    parser.add_argument(
+        "--serverless",
+        action="store_true",
+        help="a serverless endpoint instead of instances (CPU only: deploy the CPU image)",
+    )
+    parser.add_argument(
+        "--memory-size",
+        type=int,
+        default=3072,
+        metavar="MB",
+        help="serverless memory, 1024-6144 in steps of 1024 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=5,
+        help="serverless concurrent invocations, 1-200 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="container environment, repeatable (e.g. SAGEMAKER_MODEL_SERVER_WORKERS=1)",
+    )
+    parser.add_argument(
+        "--autoscale", metavar="MIN:MAX", help="autoscale the instance count between MIN and MAX"
+    )
+    parser.add_argument(
+        "--target-invocations",
+        type=int,
+        default=100,
+        metavar="N",
+        help="autoscaling target: invocations per instance per minute (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--wait",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="wait until the endpoint is InService (default: wait; --autoscale always waits)",
+    )
+
+
+def tags(prefix: str) -> list[dict[str, str]]:
+    """What `deploy` puts on its resources, so that `cleanup` for the same prefix finds them."""
+    return [{"Key": CREATED_BY[0], "Value": CREATED_BY[1]}, {"Key": PREFIX_TAG, "Value": prefix}]
+
+
+def scalable_resource(endpoint: str) -> str:
+    """Application Auto Scaling's ResourceId of an endpoint's one variant."""
+    return f"endpoint/{endpoint}/variant/{VARIANT}"
+
+
+def _environment(pairs: list[str]) -> dict[str, Any]:
+    env: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise LaunchError(
+                f"--env {pair!r}: use NAME=VALUE, e.g. SAGEMAKER_MODEL_SERVER_WORKERS=1"
+            )
+        env[key] = value
+    return env
+
+
+def _autoscale(value: str | None, serverless: bool) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if serverless:
+        raise LaunchError("--autoscale applies to instances: a serverless endpoint scales itself")
+    low, sep, high = value.partition(":")
+    if not (sep and low.isdigit() and high.isdigit() and 1 <= int(low) <= int(high)):
+        raise LaunchError(f"--autoscale {value!r}: use MIN:MAX with 1 <= MIN <= MAX, e.g. 1:4")
+    return int(low), int(high)
+
+
+def _check(args: argparse.Namespace) -> None:
+    if args.serverless:
+        if not (1024 <= args.memory_size <= 6144 and args.memory_size % 1024 == 0):
+            raise LaunchError(f"--memory-size {args.memory_size}: use 1024, 2048, ... up to 6144")
+        if not 1 <= args.max_concurrency <= 200:
+            raise LaunchError(f"--max-concurrency {args.max_concurrency}: use 1 to 200")
+        if args.inference_ami_version:
+            raise LaunchError("--inference-ami-version applies to instances, not --serverless")
+    if args.health_check_timeout is not None and not 60 <= args.health_check_timeout <= 3600:
+        raise LaunchError(f"--health-check-timeout {args.health_check_timeout}: use 60 to 3600")
+    if args.instance_count < 1:
+        raise LaunchError(f"--instance-count {args.instance_count}: use 1 or more")
+    if not args.model_data.startswith("s3://"):
+        raise LaunchError(f"--model-data {args.model_data!r}: give the s3:// URI of model.tar.gz")
+
+
+def _register_autoscaling(
+    aws: Aws, endpoint: str, limits: tuple[int, int], target: int, prefix: str
+) -> None:
+    client = aws.boto.client("application-autoscaling")
+    resource = scalable_resource(endpoint)
+    client.register_scalable_target(
+        ServiceNamespace="sagemaker",
+        ResourceId=resource,
+        ScalableDimension=SCALABLE_DIMENSION,
+        MinCapacity=limits[0],
+        MaxCapacity=limits[1],
+        Tags={item["Key"]: item["Value"] for item in tags(prefix)},
+    )
+    client.put_scaling_policy(
+        PolicyName=f"{endpoint}-invocations",
+        ServiceNamespace="sagemaker",
+        ResourceId=resource,
+        ScalableDimension=SCALABLE_DIMENSION,
+        PolicyType="TargetTrackingScaling",
+        TargetTrackingScalingPolicyConfiguration={
+            "TargetValue": float(target),
+            "PredefinedMetricSpecification": {"PredefinedMetricType": SCALING_METRIC},
+            "ScaleInCooldown": 300,
+            "ScaleOutCooldown": 60,
+        },
+    )
+
+
+def _wait(aws: Aws, endpoint: str) -> None:
+    """Until InService; a Failed endpoint becomes a LaunchError carrying SageMaker's reason."""
+    client = aws.boto.client("sagemaker")
+    logger.info("waiting for %s to be InService (usually 5 to 10 minutes)", endpoint)
+    try:
+        client.get_waiter("endpoint_in_service").wait(
+            EndpointName=endpoint, WaiterConfig={"Delay": 15, "MaxAttempts": 240}
+        )
+    except WaiterError as exc:
+        reason = client.describe_endpoint(EndpointName=endpoint).get("FailureReason", str(exc))
+        raise LaunchError(
+            f"endpoint {endpoint} did not come up: {reason} (its CloudWatch log group is "
+            f"/aws/sagemaker/Endpoints/{endpoint}; run launch cleanup to delete it)"
+        ) from exc
+
+
+def run(args: argparse.Namespace, common: Common) -> int:
+    role = common.need("role")
+    image = common.need("image_uri")
+    _check(args)
+    env = _environment(args.env)
+    limits = _autoscale(args.autoscale, args.serverless)
+    if args.serverless and "cu1" in image.rsplit(":", 1)[-1]:
+        logger.warning("serverless endpoints have no GPU: %s looks like the CUDA image", image)
+    aws = Aws.connect(common)
+    endpoint = args.endpoint_name or job_name(common.prefix, "endpoint")
+    model = Model(
+        image_uri=image,
+        model_data=args.model_data,
+        role=role,
+        env=env or None,
+        name=job_name(common.prefix, "model"),
+        sagemaker_session=aws.sagemaker,
+    )
+    placement: dict[str, Any] = (
+        {
+            "serverless_inference_config": ServerlessInferenceConfig(
+                memory_size_in_mb=args.memory_size, max_concurrency=args.max_concurrency
+            )
+        }
+        if args.serverless
+        else {
+            "initial_instance_count": args.instance_count,
+            "instance_type": args.instance_type,
+            "inference_ami_version": args.inference_ami_version,
+        }
+    )
+    # The SDK's own wait sleeps 30 s before its first look; the waiter looks first.
+    model.deploy(
+        endpoint_name=endpoint,
+        tags=tags(common.prefix),
+        container_startup_health_check_timeout=args.health_check_timeout,
+        wait=False,
+        **placement,
+    )
+    print(f"model:    {model.name}")
+    print(f"endpoint: {endpoint} (its config has the same name)")
+    if args.wait or limits is not None:
+        _wait(aws, endpoint)
+    if limits is not None:
+        _register_autoscaling(aws, endpoint, limits, args.target_invocations, common.prefix)
+        print(
+            f"autoscaling: {limits[0]}..{limits[1]} instances, "
+            f"target {args.target_invocations} invocations per instance per minute"
+        )
+    print(f"console:  {console_url(aws.region, 'endpoints', endpoint)}")
+    print(f"invoke:   launch explain IMAGES --endpoint {endpoint} --out gallery.html")
+    print(
+        f"          aws sagemaker-runtime invoke-endpoint --endpoint-name {endpoint} "
+        "--content-type image/jpeg --body fileb://dog.jpg out.json"
+    )
+    return 0

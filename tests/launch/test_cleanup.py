@@ -1,0 +1,92 @@
+"""`launch cleanup` against moto: it finds what deploy made (and only that), asks, deletes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.launch.conftest import Launch
+from tests.launch.test_hosting import client
+
+MODEL_DATA = "s3://artifacts/model.tar.gz"
+
+
+def _deploy(launch: Launch, *flags: str) -> None:
+    launch.ok("deploy", "--model-data", MODEL_DATA, "--instance-type", "ml.c5.xlarge", *flags)
+
+
+def _remaining(launch: Launch) -> dict[str, list[str]]:
+    sagemaker = client(launch, "sagemaker")
+    scaling = client(launch, "application-autoscaling")
+    return {
+        "endpoints": [e["EndpointName"] for e in sagemaker.list_endpoints()["Endpoints"]],
+        "configs": [
+            c["EndpointConfigName"] for c in sagemaker.list_endpoint_configs()["EndpointConfigs"]
+        ],
+        "models": [m["ModelName"] for m in sagemaker.list_models()["Models"]],
+        "targets": [
+            t["ResourceId"]
+            for t in scaling.describe_scalable_targets(ServiceNamespace="sagemaker")[
+                "ScalableTargets"
+            ]
+        ],
+    }
+
+
+def _cleanup(launch: Launch, *flags: str, answer: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "launch", "cleanup", *flags, *launch.common],
+        cwd=launch.cwd,
+        env=launch.env,
+        input=answer,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_cleanup_lists_asks_and_deletes_only_what_deploy_made(launch: Launch) -> None:
+    _deploy(launch, "--endpoint-name", "ep-scaled", "--autoscale", "1:3")
+    _deploy(launch, "--endpoint-name", "ep-plain")
+    _deploy(launch, "--endpoint-name", "ep-other", "--prefix", "someone-else")
+    before = _remaining(launch)
+    assert len(before["models"]) == 3
+
+    dry = _cleanup(launch, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "7 resource(s)" in dry.stdout  # 1 target + 2 endpoints + 2 configs + 2 models
+    assert "scaling-target   endpoint/ep-scaled/variant/AllTraffic" in dry.stdout
+    assert "ep-other" not in dry.stdout
+    assert _remaining(launch) == before
+
+    declined = _cleanup(launch, answer="n\n")
+    assert declined.returncode == 1
+    assert "delete them? [y/N]" in declined.stdout
+    assert "nothing deleted" in declined.stdout
+    assert _remaining(launch) == before
+
+    done = _cleanup(launch, "--yes")
+    assert done.returncode == 0, done.stderr
+    deleted = [line for line in done.stdout.splitlines() if line.startswith("deleted ")]
+    assert deleted[0] == "deleted scaling-target endpoint/ep-scaled/variant/AllTraffic"
+    assert [line.split()[1] for line in deleted] == ["scaling-target"] + ["endpoint"] * 2 + [
+        "endpoint-config"
+    ] * 2 + ["model"] * 2
+    after = _remaining(launch)
+    assert after["endpoints"] == after["configs"] == ["ep-other"]
+    assert len(after["models"]) == 1
+    assert after["targets"] == []
+
+    launch.ok("cleanup", "--yes", "--prefix", "someone-else")
+    assert _remaining(launch) == {"endpoints": [], "configs": [], "models": [], "targets": []}
+    again = launch.ok("cleanup", "--yes")
+    assert "nothing to delete" in again.stdout
+
+
+def test_cleanup_answering_yes_deletes(launch: Launch) -> None:
+    _deploy(launch, "--endpoint-name", "ep-one")
+    done = _cleanup(launch, answer="y\n")
+    assert done.returncode == 0, done.stderr
+    assert "deleted endpoint ep-one" in done.stdout
+    assert _remaining(launch) == {"endpoints": [], "configs": [], "models": [], "targets": []}

@@ -1,0 +1,139 @@
+"""`launch explain`: a Grad-CAM gallery from the real `serve` process, and a Clarify job on moto."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from container.sagemaker_env import OptMl
+from tests.launch.conftest import Launch
+from tests.launch.test_hosting import client, one_line_error
+from tests.serving.conftest import Server, server, trained  # noqa: F401  (fixtures)
+
+
+@pytest.fixture
+def jpegs(trained: OptMl, tmp_path: Path) -> Path:  # noqa: F811
+    """Three held-out JPEGs of the trained model, in nested class folders."""
+    found = sorted(trained.channel_dir("test").rglob("*.jpg"))[:3]
+    assert len(found) == 3
+    folder = tmp_path / "images"
+    for path in found:
+        target = folder / path.parent.name / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target)
+    return folder
+
+
+def _class_names(trained: OptMl) -> set[str]:  # noqa: F811
+    classes: Any = json.loads((trained.model_dir / "classes.json").read_text())
+    return {str(n) for n in (classes.values() if isinstance(classes, dict) else classes)}
+
+
+def test_gallery_from_a_local_server(
+    launch: Launch,
+    server: Server,  # noqa: F811
+    trained: OptMl,  # noqa: F811
+    jpegs: Path,
+) -> None:
+    out = launch.cwd / "gallery.html"
+    done = launch.ok("explain", str(jpegs), "--url", server.url, "--out", str(out), "--top-k", "2")
+    assert f"{out}: 3 image(s)" in done.stdout
+    page = out.read_text()
+    assert page.startswith("<!doctype html>")
+    assert page.count("<img") == 6  # each image and its overlay
+    assert page.count('src="data:image/png;base64,') == 3  # the overlays, inline
+    assert page.count('src="data:image/jpeg;base64,') == 3  # the images, inline
+    assert "http" not in page.replace(server.url, "")  # self-contained: nothing to fetch
+    for path in jpegs.rglob("*.jpg"):
+        assert f'alt="Grad-CAM of {path.name}"' in page
+    shown = re.findall(r"<tr><td>([^<]+)</td><td>([0-9.]+)%</td></tr>", page)
+    assert len(shown) == 3 * 2  # --top-k 2 per image
+    assert {label for label, _ in shown} <= _class_names(trained)
+    assert all(0 <= float(p) <= 100 for _, p in shown)
+
+
+def test_local_server_not_running_is_one_line(launch: Launch, tmp_path: Path) -> None:
+    folder = tmp_path / "one"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(b"\xff\xd8\xff")
+    done = launch("explain", str(folder), "--url", "http://127.0.0.1:9")
+    assert "cannot reach http://127.0.0.1:9" in one_line_error(done)
+
+
+def test_unknown_endpoint_is_one_line(launch: Launch, tmp_path: Path) -> None:
+    folder = tmp_path / "one"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(b"\xff\xd8\xff")
+    done = launch("explain", str(folder), "--endpoint", "no-such-endpoint")
+    assert one_line_error(done) == (
+        "launch: no endpoint 'no-such-endpoint' in us-east-1: launch deploy prints its name"
+    )
+    assert not (launch.cwd / "gallery.html").exists()
+
+
+def test_clarify_job_request(launch: Launch, tmp_path: Path) -> None:
+    launch.ok(
+        "deploy", "--model-data", "s3://artifacts/model.tar.gz", "--no-wait", "--prefix", "dogs"
+    )
+    sagemaker = client(launch, "sagemaker")
+    (model,) = sagemaker.list_models()["Models"]
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for image in ("a.jpg", "b.jpg"):
+        (folder / image).write_bytes(b"\xff\xd8\xff")
+    done = launch.ok(
+        "explain",
+        str(folder),
+        "--clarify",
+        model["ModelName"],
+        "--num-segments",
+        "30",
+        "--num-samples",
+        "64",
+        "--bucket",
+        "clarify-bucket",
+        "--prefix",
+        "dogs",
+    )
+    name = re.search(r"^clarify job: (\S+)", done.stdout, re.MULTILINE)
+    assert name, done.stdout
+    job = sagemaker.describe_processing_job(ProcessingJobName=name.group(1))
+    assert "sagemaker-clarify-processing" in job["AppSpecification"]["ImageUri"]
+    inputs = {i["InputName"]: i["S3Input"]["S3Uri"] for i in job["ProcessingInputs"]}
+    prefix = f"s3://clarify-bucket/dogs/{name.group(1)}"
+    assert inputs["dataset"] == f"{prefix}/images"
+    (output,) = job["ProcessingOutputConfig"]["Outputs"]
+    assert output["S3Output"]["S3Uri"] == f"{prefix}/report"
+
+    s3 = client(launch, "s3")
+    listed = s3.list_objects_v2(Bucket="clarify-bucket", Prefix=f"dogs/{name.group(1)}/images/")
+    assert sorted(o["Key"].rsplit("/", 1)[-1] for o in listed["Contents"]) == ["a.jpg", "b.jpg"]
+    bucket, key = inputs["analysis_config"].removeprefix("s3://").split("/", 1)
+    config = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+    assert config["dataset_type"] == "application/x-image"
+    shap = config["methods"]["shap"]
+    assert shap["num_samples"] == 64
+    assert shap["image_config"] == {
+        "model_type": "IMAGE_CLASSIFICATION",
+        "num_segments": 30,
+        "feature_extraction_method": "segmentation",
+    }
+    predictor = config["predictor"]
+    assert predictor["model_name"] == model["ModelName"]
+    assert predictor["content_type"] == "image/jpeg"
+    assert predictor["accept_type"] == "application/json"
+    assert predictor["custom_attributes"] == "top_k=1000"
+    assert predictor["probability"] == "sort_by(predictions, &index)[].probability"
+
+
+def test_clarify_unknown_model_is_one_line(launch: Launch, tmp_path: Path) -> None:
+    (tmp_path / "a.jpg").write_bytes(b"\xff\xd8\xff")
+    done = launch("explain", str(tmp_path), "--clarify", "no-such-model")
+    assert one_line_error(done) == (
+        "launch: no model 'no-such-model' in us-east-1: launch deploy prints its name"
+    )

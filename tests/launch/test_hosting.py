@@ -1,0 +1,161 @@
+"""`launch deploy` against moto: what SageMaker and Application Auto Scaling would receive."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from typing import Any
+
+import boto3
+
+from tests.launch.conftest import IMAGE_URI, ROLE, Launch
+
+MODEL_DATA = "s3://artifacts/dog-classifier/train-1/output/model.tar.gz"
+
+
+def client(launch: Launch, service: str) -> Any:
+    """A boto3 client on moto with the fixture's fake credentials (launch.client reads the test
+    process's own credentials, which it has none of)."""
+    env = launch.env
+    return boto3.Session(
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name="us-east-1",
+    ).client(service, endpoint_url=env["AWS_ENDPOINT_URL"])
+
+
+def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
+    """The one `launch: ...` line of a failed command, which exits 1 without a traceback.
+
+    Other stderr lines are botocore's INFO logs ("Found credentials in ...") that importing the
+    SDK triggers once the CLI has configured logging; they are not the command's error."""
+    assert done.returncode == 1, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    assert "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if not line.startswith("Found ")]
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("launch: "), done.stderr
+    return lines[0]
+
+
+def _endpoint(stdout: str) -> str:
+    found = re.search(r"^endpoint: (\S+)", stdout, re.MULTILINE)
+    assert found, stdout
+    return found.group(1)
+
+
+def _tags(sagemaker: Any, arn: str) -> dict[str, str]:
+    return {t["Key"]: t["Value"] for t in sagemaker.list_tags(ResourceArn=arn)["Tags"]}
+
+
+def test_deploy_gpu_endpoint_with_autoscaling(launch: Launch) -> None:
+    done = launch.ok(
+        "deploy",
+        "--model-data",
+        MODEL_DATA,
+        "--instance-count",
+        "2",
+        "--health-check-timeout",
+        "900",
+        "--inference-ami-version",
+        "al2-ami-sagemaker-inference-gpu-2",
+        "--env",
+        "SAGEMAKER_MODEL_SERVER_WORKERS=1",
+        "--env",
+        "SERVE_MAX_BATCH_SIZE=16",
+        "--autoscale",
+        "2:6",
+        "--target-invocations",
+        "250",
+        "--prefix",
+        "dogs",
+    )
+    endpoint = _endpoint(done.stdout)
+    assert endpoint.startswith("dogs-endpoint-")
+    assert f"#/endpoints/{endpoint}" in done.stdout
+    assert f"launch explain IMAGES --endpoint {endpoint}" in done.stdout
+    sagemaker = client(launch, "sagemaker")
+
+    described = sagemaker.describe_endpoint(EndpointName=endpoint)
+    assert described["EndpointStatus"] == "InService"
+    config = sagemaker.describe_endpoint_config(EndpointConfigName=described["EndpointConfigName"])
+    (variant,) = config["ProductionVariants"]
+    assert variant["VariantName"] == "AllTraffic"
+    assert variant["InstanceType"] == "ml.g4dn.xlarge"
+    assert variant["InitialInstanceCount"] == 2
+    assert variant["ContainerStartupHealthCheckTimeoutInSeconds"] == 900
+    assert variant["InferenceAmiVersion"] == "al2-ami-sagemaker-inference-gpu-2"
+    assert "ServerlessConfig" not in variant
+
+    model = sagemaker.describe_model(ModelName=variant["ModelName"])
+    assert model["ModelName"].startswith("dogs-model-")
+    assert model["ExecutionRoleArn"] == ROLE
+    container = model["PrimaryContainer"]
+    assert container["Image"] == IMAGE_URI
+    assert container["ModelDataUrl"] == MODEL_DATA
+    assert container["Environment"] == {
+        "SAGEMAKER_MODEL_SERVER_WORKERS": "1",
+        "SERVE_MAX_BATCH_SIZE": "16",
+    }
+    for arn in (described["EndpointArn"], config["EndpointConfigArn"], model["ModelArn"]):
+        assert _tags(sagemaker, arn) == {"created-by": "launch", "launch-prefix": "dogs"}
+
+    scaling = client(launch, "application-autoscaling")
+    resource = f"endpoint/{endpoint}/variant/AllTraffic"
+    (target,) = scaling.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"]
+    assert target["ResourceId"] == resource
+    assert target["ScalableDimension"] == "sagemaker:variant:DesiredInstanceCount"
+    assert (target["MinCapacity"], target["MaxCapacity"]) == (2, 6)
+    (policy,) = scaling.describe_scaling_policies(ServiceNamespace="sagemaker")["ScalingPolicies"]
+    assert policy["ResourceId"] == resource
+    assert policy["PolicyType"] == "TargetTrackingScaling"
+    tracking = policy["TargetTrackingScalingPolicyConfiguration"]
+    assert tracking["TargetValue"] == 250
+    assert tracking["PredefinedMetricSpecification"] == {
+        "PredefinedMetricType": "SageMakerVariantInvocationsPerInstance"
+    }
+
+
+def test_deploy_serverless_without_waiting(launch: Launch) -> None:
+    done = launch.ok(
+        "deploy",
+        "--model-data",
+        MODEL_DATA,
+        "--serverless",
+        "--memory-size",
+        "4096",
+        "--max-concurrency",
+        "3",
+        "--endpoint-name",
+        "dogs-cpu",
+        "--no-wait",
+    )
+    assert _endpoint(done.stdout) == "dogs-cpu"
+    sagemaker = client(launch, "sagemaker")
+    config = sagemaker.describe_endpoint_config(EndpointConfigName="dogs-cpu")
+    (variant,) = config["ProductionVariants"]
+    assert variant["ServerlessConfig"] == {"MemorySizeInMB": 4096, "MaxConcurrency": 3}
+    assert "InstanceType" not in variant
+    assert "InferenceAmiVersion" not in variant
+    assert sagemaker.describe_endpoint(EndpointName="dogs-cpu")["EndpointConfigName"] == "dogs-cpu"
+    scaling = client(launch, "application-autoscaling")
+    assert scaling.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"] == []
+
+
+def test_deploy_mistakes_are_one_line_and_create_nothing(launch: Launch) -> None:
+    cases = {
+        ("--memory-size", "5000", "--serverless"): "--memory-size 5000",
+        ("--serverless", "--autoscale", "1:2"): "serverless endpoint scales itself",
+        ("--env", "NOEQUALS"): "--env 'NOEQUALS'",
+    }
+    for flags, message in cases.items():
+        assert message in one_line_error(launch("deploy", "--model-data", MODEL_DATA, *flags))
+    sagemaker = client(launch, "sagemaker")
+    assert sagemaker.list_models()["Models"] == []
+    assert sagemaker.list_endpoints()["Endpoints"] == []
+
+
+def test_deploy_without_role_is_one_line(launch: Launch) -> None:
+    launch.common = ["--image-uri", IMAGE_URI]
+    done = launch("deploy", "--model-data", MODEL_DATA)
+    assert one_line_error(done) == "launch: no role given: pass --role, or set role in launch.toml"
+    assert client(launch, "sagemaker").list_models()["Models"] == []
