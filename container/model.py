@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import pickle
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 from torchvision import models
 
+from container.class_names import class_name
 from container.images import Preprocessing
 
 __all__ = [
@@ -53,17 +53,10 @@ ARCHITECTURES: dict[str, Callable[..., models.ResNet]] = {
 }
 
 _HEAD_PREFIX = "fc."
-_FOLDER_PREFIX = re.compile(r"^\d+[._\-\s]+")
 
 
 class ArtifactError(Exception):
     """Raised when a model directory or a weights file cannot be used; says what was found."""
-
-
-def class_name(folder: str) -> str:
-    """`001.Affenpinscher` -> `Affenpinscher`, `043.Canaan_dog` -> `Canaan dog`."""
-    name = _FOLDER_PREFIX.sub("", folder).replace("_", " ").strip()
-    return name or folder
 
 
 def build(arch: str, num_classes: int) -> models.ResNet:

@@ -28,6 +28,9 @@ __all__ = ["COMMANDS", "main"]
 
 COMMANDS: dict[str, str] = {
     # name: module
+    "upload-data": "launch.data",
+    "transform": "launch.transform",
+    "invoke": "launch.invoke",
     "deploy": "launch.hosting",
     "cleanup": "launch.cleanup",
     "explain": "launch.explain",

@@ -1,0 +1,138 @@
+"""`launch transform`: the job SageMaker would receive (moto), and the fetch and accuracy part on
+.out bodies the real `serve` wrote (moto never runs a job: it marks it Completed at once)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+
+from container.class_names import class_name
+from tests.launch.conftest import IMAGE_URI, ROLE, Launch
+from tests.launch.test_data import s3_client
+from tests.launch.test_invoke import served  # noqa: F401 (a fixture)
+from tests.serving.conftest import Server
+
+BUCKET = "dog-batch"
+
+
+def _sagemaker(launch: Launch) -> Any:
+    env = launch.env
+    return boto3.Session(
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name="us-east-1",
+    ).client("sagemaker", endpoint_url=env["AWS_ENDPOINT_URL"])
+
+
+def _job(stdout: str) -> str:
+    found = re.search(r"transform job (\S+) started", stdout)
+    assert found, stdout
+    return found.group(1)
+
+
+def test_the_job_is_one_jpeg_per_request(launch: Launch) -> None:
+    model_data = f"s3://{BUCKET}/dog-classifier/model/model.tar.gz"
+    done = launch.ok(
+        "transform",
+        "--model-data", model_data,
+        "--input", f"s3://{BUCKET}/dog-classifier/data/test/",
+        "--instance-type", "ml.g4dn.xlarge",
+        "--max-concurrent-transforms", "4",
+        "--transform-ami-version", "al2-ami-sagemaker-batch-gpu-535",
+        "--no-wait",
+        "--bucket", BUCKET,
+    )  # fmt: skip
+    sagemaker = _sagemaker(launch)
+    job = sagemaker.describe_transform_job(TransformJobName=_job(done.stdout))
+    source = job["TransformInput"]["DataSource"]["S3DataSource"]
+    assert source == {"S3DataType": "S3Prefix", "S3Uri": f"s3://{BUCKET}/dog-classifier/data/test/"}
+    assert job["TransformInput"]["ContentType"] == "image/jpeg"
+    assert job["TransformInput"].get("SplitType", "None") == "None"
+    assert job["BatchStrategy"] == "SingleRecord"
+    assert job["MaxPayloadInMB"] == 6
+    assert job["MaxConcurrentTransforms"] == 4
+    assert job["TransformOutput"]["Accept"] == "application/json"
+    assert job["TransformOutput"]["S3OutputPath"].startswith(
+        f"s3://{BUCKET}/dog-classifier/transform/dog-classifier-transform-"
+    )
+    assert job["TransformResources"] == {
+        "InstanceType": "ml.g4dn.xlarge",
+        "InstanceCount": 1,
+        "TransformAmiVersion": "al2-ami-sagemaker-batch-gpu-535",
+    }
+    assert job["ModelClientConfig"]["InvocationsTimeoutInSeconds"] == 600
+    model = sagemaker.describe_model(ModelName=job["ModelName"])
+    assert model["PrimaryContainer"]["Image"] == IMAGE_URI
+    assert model["PrimaryContainer"]["ModelDataUrl"] == model_data
+    assert model["ExecutionRoleArn"] == ROLE
+    assert f"launch transform --fetch-only {job['TransformJobName']}" in done.stdout
+
+
+def test_a_model_name_or_model_data_is_needed(launch: Launch) -> None:
+    done = launch("transform", "--no-wait", "--bucket", BUCKET)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith("launch: no model: pass --model")
+
+
+@pytest.fixture
+def outputs(launch: Launch, served: Server, dataset: Path) -> dict[str, bytes]:  # noqa: F811
+    """The test channel in s3://BUCKET/in/ and, in s3://BUCKET/out/, the .out body the real
+    server answers for each image, as batch transform writes them; one image has no output."""
+    s3 = s3_client(launch)
+    s3.create_bucket(Bucket=BUCKET)
+    bodies = {}
+    images = sorted(p for p in (dataset / "test").rglob("*") if p.is_file())
+    for image in images:
+        relative = image.relative_to(dataset / "test").as_posix()
+        s3.put_object(Bucket=BUCKET, Key=f"in/{relative}", Body=image.read_bytes())
+        answer = served.post(image.read_bytes(), "image/jpeg", Accept="application/json")
+        assert answer.status_code == 200
+        bodies[relative] = answer.content
+    del bodies[images[0].relative_to(dataset / "test").as_posix()]  # as if it failed
+    for relative, body in bodies.items():
+        s3.put_object(Bucket=BUCKET, Key=f"out/{relative}.out", Body=body)
+    return bodies
+
+
+def test_fetch_scores_the_server_outputs(
+    launch: Launch, outputs: dict[str, bytes], tmp_path: Path
+) -> None:
+    started = launch.ok(
+        "transform",
+        "--model", "dog-classifier-model",
+        "--input", f"s3://{BUCKET}/in/",
+        "--output", f"s3://{BUCKET}/out/",
+        "--no-wait",
+        "--bucket", BUCKET,
+    )  # fmt: skip
+    job = _job(started.stdout)
+    local = tmp_path / "fetched"
+    done = launch.ok("transform", "--fetch-only", job, "--download", str(local), "--bucket", BUCKET)
+
+    for relative, body in outputs.items():
+        assert (local / f"{relative}.out").read_bytes() == body
+    assert f"{len(outputs)} outputs in {local}/ ({len(outputs) + 1} inputs in" in done.stdout
+    assert "1 inputs have no output (failed or not sent): 001.Affenpinscher/" in done.stdout
+
+    expected: dict[str, list[int]] = {}
+    for relative, body in outputs.items():
+        truth = class_name(relative.split("/")[0])
+        top1 = json.loads(body)["predictions"][0]["label"]
+        counts = expected.setdefault(truth, [0, 0])
+        counts[0] += 1
+        counts[1] += top1 == truth
+    rows = {
+        " ".join(line.split()[:-3]): line.split()[-3:]
+        for line in done.stdout.splitlines()
+        if line.endswith("%")
+    }
+    for truth, (n, k) in expected.items():
+        assert rows[truth] == [str(n), str(k), f"{k / n:.1%}"]
+    n, k = (sum(c[i] for c in expected.values()) for i in (0, 1))
+    assert rows["all"] == [str(n), str(k), f"{k / n:.1%}"]
+    assert len(rows) == len(expected) + 1
