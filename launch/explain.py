@@ -114,6 +114,10 @@ def _images(folder: Path, limit: int) -> list[Path]:
     found = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in MEDIA_TYPES)
     if not found:
         raise LaunchError(f"no .jpg or .png images under {folder}")
+    if len(found) > limit:
+        logger.info(
+            "%d images under %s: explaining the first %d (--limit)", len(found), folder, limit
+        )
     return found[:limit]
 
 

@@ -13,7 +13,7 @@ import logging
 import re
 from typing import Any
 
-from botocore.exceptions import WaiterError
+from botocore.exceptions import ClientError, WaiterError
 from sagemaker.model import Model
 from sagemaker.serverless.serverless_inference_config import ServerlessInferenceConfig
 
@@ -194,6 +194,23 @@ def _register_autoscaling(
     )
 
 
+def _check_artifact(aws: Aws, uri: str) -> None:
+    """A missing model.tar.gz fails an endpoint only after minutes of provisioning: look first.
+    Only a definite 404 stops the command; the caller may lack s3:GetObject where the role has it.
+    """
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    try:
+        aws.boto.client("s3").head_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in ("404", "NoSuchKey", "NoSuchBucket"):
+            raise LaunchError(
+                f"no model artifact at {uri}: give the s3:// URI of a model.tar.gz that a "
+                "training job wrote"
+            ) from exc
+        logger.warning("cannot check %s (%s): deploying anyway", uri, code)
+
+
 def _wait(aws: Aws, endpoint: str) -> None:
     """Until InService; a Failed endpoint becomes a LaunchError carrying SageMaker's reason."""
     client = aws.boto.client("sagemaker")
@@ -219,6 +236,7 @@ def run(args: argparse.Namespace, common: Common) -> int:
     if args.serverless and "cu1" in image.rsplit(":", 1)[-1]:
         logger.warning("serverless endpoints have no GPU: %s looks like the CUDA image", image)
     aws = Aws.connect(common)
+    _check_artifact(aws, args.model_data)
     endpoint = args.endpoint_name or job_name(common.prefix, "endpoint")
     model = Model(
         image_uri=image,

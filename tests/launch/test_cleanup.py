@@ -6,12 +6,13 @@ import subprocess
 import sys
 
 from tests.launch.conftest import Launch
-from tests.launch.test_hosting import client
+from tests.launch.test_hosting import artifact, client
 
 MODEL_DATA = "s3://artifacts/model.tar.gz"
 
 
 def _deploy(launch: Launch, *flags: str) -> None:
+    artifact(launch, MODEL_DATA)
     launch.ok("deploy", "--model-data", MODEL_DATA, "--instance-type", "ml.c5.xlarge", *flags)
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from container.sagemaker_env import OptMl
 from tests.launch.conftest import Launch
-from tests.launch.test_hosting import client, one_line_error
+from tests.launch.test_hosting import artifact, client, one_line_error
 from tests.serving.conftest import Server, server, trained  # noqa: F401  (fixtures)
 
 
@@ -77,9 +77,7 @@ def test_unknown_endpoint_is_one_line(launch: Launch, tmp_path: Path) -> None:
 
 
 def test_clarify_job_request(launch: Launch, tmp_path: Path) -> None:
-    launch.ok(
-        "deploy", "--model-data", "s3://artifacts/model.tar.gz", "--no-wait", "--prefix", "dogs"
-    )
+    launch.ok("deploy", "--model-data", artifact(launch), "--no-wait", "--prefix", "dogs")
     sagemaker = client(launch, "sagemaker")
     (model,) = sagemaker.list_models()["Models"]
     folder = tmp_path / "images"

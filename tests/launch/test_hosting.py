@@ -24,6 +24,15 @@ def client(launch: Launch, service: str) -> Any:
     ).client(service, endpoint_url=env["AWS_ENDPOINT_URL"])
 
 
+def artifact(launch: Launch, uri: str = MODEL_DATA) -> str:
+    """A model.tar.gz in moto's S3 (deploy looks for it before creating anything)."""
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    s3 = client(launch, "s3")
+    s3.create_bucket(Bucket=bucket)
+    s3.put_object(Bucket=bucket, Key=key, Body=b"not really a tarball")
+    return uri
+
+
 def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
     """The one `launch: ...` line of a failed command, which exits 1 without a traceback.
 
@@ -48,6 +57,7 @@ def _tags(sagemaker: Any, arn: str) -> dict[str, str]:
 
 
 def test_deploy_gpu_endpoint_with_autoscaling(launch: Launch) -> None:
+    artifact(launch)
     done = launch.ok(
         "deploy",
         "--model-data",
@@ -116,6 +126,7 @@ def test_deploy_gpu_endpoint_with_autoscaling(launch: Launch) -> None:
 
 
 def test_deploy_serverless_without_waiting(launch: Launch) -> None:
+    artifact(launch)
     done = launch.ok(
         "deploy",
         "--model-data",
@@ -149,6 +160,8 @@ def test_deploy_mistakes_are_one_line_and_create_nothing(launch: Launch) -> None
     }
     for flags, message in cases.items():
         assert message in one_line_error(launch("deploy", "--model-data", MODEL_DATA, *flags))
+    missing = one_line_error(launch("deploy", "--model-data", MODEL_DATA))
+    assert missing.startswith(f"launch: no model artifact at {MODEL_DATA}: ")
     sagemaker = client(launch, "sagemaker")
     assert sagemaker.list_models()["Models"] == []
     assert sagemaker.list_endpoints()["Endpoints"] == []
