@@ -130,6 +130,12 @@ def _ami_version(aws: Aws, version: str) -> None:
 def _start(args: argparse.Namespace, common: Common, aws: Aws) -> str:
     """Create the transform job (and the model, with --model-data); its name."""
     name = job_name(common.prefix, "transform")
+    concurrent = args.max_concurrent_transforms
+    if concurrent is not None and not 1 <= concurrent * MAX_PAYLOAD_MB <= 100:
+        raise LaunchError(
+            f"--max-concurrent-transforms {concurrent}: SageMaker wants it times MaxPayloadInMB "
+            f"({MAX_PAYLOAD_MB}) within 100, so 1 to {100 // MAX_PAYLOAD_MB}"
+        )
     if args.model_data:
         model = Model(
             image_uri=common.need("image_uri"),

@@ -79,6 +79,12 @@ def test_a_model_name_or_model_data_is_needed(launch: Launch) -> None:
     assert done.stderr.strip().splitlines()[-1].startswith("launch: no model: pass --model")
 
 
+def test_concurrency_times_payload_stays_within_100(launch: Launch) -> None:
+    done = launch("transform", "--model", "m", "--max-concurrent-transforms", "17", "--no-wait")
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].endswith("so 1 to 16")
+
+
 @pytest.fixture
 def outputs(launch: Launch, served: Server, dataset: Path) -> dict[str, bytes]:  # noqa: F811
     """The test channel in s3://BUCKET/in/ and, in s3://BUCKET/out/, the .out body the real
