@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from container.sagemaker_env import OptMl
@@ -55,6 +59,62 @@ def test_gallery_from_a_local_server(
     assert len(shown) == 3 * 2  # --top-k 2 per image
     assert {label for label, _ in shown} <= _class_names(trained)
     assert all(0 <= float(p) <= 100 for _, p in shown)
+
+
+@pytest.fixture
+def runtime(server: Server) -> Iterator[str]:  # noqa: F811
+    """A stand-in for the SageMaker runtime API in front of the real `serve` process.
+
+    moto cannot take InvokeEndpoint with a binary body, so the test runs its own: POST
+    /endpoints/NAME/invocations forwarded to the server's /invocations with the headers SageMaker
+    passes through (Content-Type, Accept, X-Amzn-SageMaker-Custom-Attributes), as SageMaker does.
+    """
+
+    class Forward(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            assert re.fullmatch(r"/endpoints/[^/]+/invocations", self.path), self.path
+            passed = ("Content-Type", "Accept", "X-Amzn-SageMaker-Custom-Attributes")
+            answer = httpx.post(
+                f"{server.url}/invocations",
+                content=self.rfile.read(int(self.headers["Content-Length"])),
+                headers={k: self.headers[k] for k in passed if self.headers[k]},
+                timeout=60,
+            )
+            self.send_response(answer.status_code)
+            self.send_header("Content-Type", answer.headers["content-type"])
+            self.send_header("Content-Length", str(len(answer.content)))
+            self.end_headers()
+            self.wfile.write(answer.content)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), Forward)
+    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{proxy.server_address[1]}"
+    proxy.shutdown()
+    thread.join()
+    proxy.server_close()
+
+
+def test_gallery_from_an_endpoint(launch: Launch, runtime: str, jpegs: Path) -> None:
+    launch.ok("deploy", "--model-data", artifact(launch), "--endpoint-name", "dogs-gpu")
+    out = launch.cwd / "endpoint.html"
+    done = launch(
+        "explain",
+        str(jpegs),
+        "--endpoint",
+        "dogs-gpu",
+        "--out",
+        str(out),
+        env={"AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME": runtime},
+    )
+    assert done.returncode == 0, done.stderr
+    page = out.read_text()
+    assert "Grad-CAM from endpoint dogs-gpu" in page
+    assert page.count('src="data:image/png;base64,') == 3
+    assert len(re.findall(r"<tr><td>", page)) == 3 * 3  # the default --top-k 3
 
 
 def test_local_server_not_running_is_one_line(launch: Launch, tmp_path: Path) -> None:
