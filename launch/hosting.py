@@ -72,7 +72,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--inference-ami-version",
         choices=AMI_VERSIONS,
-        help="the host AMI, which fixes the GPU driver (gpu-2: driver 535 / CUDA 12.2)",
+        metavar="AMI",
+        help="the host AMI, which fixes the GPU driver: "
+        + ", ".join(AMI_VERSIONS)
+        + " (drivers 535, 535 without CUDA compat, 550, 580)",
     )
     parser.add_argument(
         "--serverless",
@@ -89,6 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-concurrency",
         type=int,
+        metavar="N",
         default=5,
         help="serverless concurrent invocations, 1-200 (default: %(default)s)",
     )
@@ -233,8 +237,13 @@ def run(args: argparse.Namespace, common: Common) -> int:
     _check(args)
     env = _environment(args.env)
     limits = _autoscale(args.autoscale, args.serverless)
-    if args.serverless and "cu1" in image.rsplit(":", 1)[-1]:
-        logger.warning("serverless endpoints have no GPU: %s looks like the CUDA image", image)
+    if args.serverless and "cpu" not in image.lower():
+        # The CUDA image runs on CPUs too, but serverless caps images at 10 GB and has no GPU.
+        logger.warning(
+            "serverless has no GPU: deploy the CPU build of the image (TORCH_INDEX_URL=.../cpu); "
+            "%s does not say cpu",
+            image,
+        )
     aws = Aws.connect(common)
     _check_artifact(aws, args.model_data)
     endpoint = args.endpoint_name or job_name(common.prefix, "endpoint")
