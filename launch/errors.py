@@ -11,7 +11,7 @@ from botocore.exceptions import (
     ParamValidationError,
 )
 
-__all__ = ["LaunchError", "explain"]
+__all__ = ["LaunchError", "explain", "job_ended"]
 
 
 class LaunchError(Exception):
@@ -55,3 +55,9 @@ def explain(exc: LaunchError | BotoCoreError | ClientError) -> str:
         detail = f"{exc.operation_name}: {code}: {message}"
         return f"{hint} ({detail})" if hint else detail
     return str(exc)
+
+
+def job_ended(kind: str, name: str, status: str, reason: str | None) -> LaunchError:
+    """A job that ended other than Completed (the SDK's UnexpectedStatusException), in one line."""
+    why = " ".join((reason or "no FailureReason given").split())
+    return LaunchError(f"{kind} job {name} ended {status}: {why}")

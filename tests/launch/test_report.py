@@ -1,0 +1,111 @@
+"""`launch report` on a job in moto, with the tensors of a real `train` run read by smdebug."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+from launch.report import DebugAnalysis, findings
+from tests.conftest import Job
+from tests.launch.conftest import Launch
+from tests.launch.test_training import client
+
+BUCKET = "report-bucket"
+
+HOOK_CONFIG = {
+    "S3OutputPath": "s3://bucket/job/debug-output",
+    "HookParameters": {"save_interval": "2"},
+    "CollectionConfigurations": [
+        {"CollectionName": "losses", "CollectionParameters": {"save_interval": "1"}},
+        {"CollectionName": "gradients"},
+        {"CollectionName": "weights"},
+        {"CollectionName": "biases"},
+    ],
+    "DebugHookSpecification": None,
+}
+
+
+def _train_job(launch: Launch, *flags: str) -> str:
+    client(launch, "s3").create_bucket(Bucket=BUCKET)
+    done = launch.ok("train", "--bucket", BUCKET, "--no-wait", *flags)
+    return done.stdout.splitlines()[0].removeprefix("training job ")
+
+
+def test_report_reads_real_tensors_into_one_html_page(launch: Launch, job: Job) -> None:
+    tensors = job.opt_ml.output_dir / "tensors"
+    job.write_config("debughookconfig.json", {**HOOK_CONFIG, "LocalPath": str(tensors)})
+    run = job.run()
+    assert run.returncode == 0, run.stderr
+    name = _train_job(launch)
+
+    done = launch.ok("report", name, "--debug-path", str(tensors), "--out", "page.html")
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"training job {name}: Completed"
+    assert lines[1] == (
+        "no rule evaluation statuses reported yet (configured: LossNotDecreasing, "
+        "VanishingGradient, Overfit, Overtraining, PoorWeightInitialization)"
+    )
+    assert lines[2].startswith("metrics over time unavailable: ")  # moto's CloudWatch is empty
+    debugger = re.fullmatch(r"debugger: 2 loss curves, (\d+) layers with gradients", lines[3])
+    assert debugger, lines[3]
+    assert int(debugger[1]) >= 1  # the new head at least (the backbone may be frozen)
+    assert lines[-1] == "report -> page.html"
+
+    page = (launch.cwd / "page.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 2  # losses per mode, gradient norms
+    assert "<td>CrossEntropyLoss_output_0 (TRAIN)</td><td>16</td>" in page  # 8 steps x 2 epochs
+    assert "<td>CrossEntropyLoss_output_0 (EVAL)</td>" in page
+    assert "<td>ResNet_fc.weight</td>" in page
+    assert "LossNotDecreasing" in page
+
+
+def test_report_without_reachable_debug_output_says_why(launch: Launch) -> None:
+    """The job's own S3 debug output: nothing there in moto; smdebug would wait forever."""
+    name = _train_job(launch)
+    done = launch.ok("report", name, "--out", "page.html")
+    expected = f"s3://{BUCKET}/dog-classifier/debug/{name}/debug-output"
+    assert (
+        f"Debugger output at {expected} not readable: nothing uploaded under collections/ yet"
+        in done.stdout
+    )
+
+    plain = _train_job(launch, "--no-debugger")
+    done = launch.ok("report", plain, "--out", "plain.html")
+    assert "no Debugger rules configured for this job" in done.stdout
+    assert "no Debugger output: the job has no DebugHookConfig" in done.stdout
+    assert (launch.cwd / "plain.html").read_text().startswith("<!doctype html>")
+
+
+def test_report_of_an_unknown_job_is_one_line(launch: Launch) -> None:
+    done = launch("report", "no-such-job")
+    assert done.returncode == 1
+    (line,) = [x for x in done.stderr.splitlines() if x.startswith("launch:")]
+    assert "DescribeTrainingJob: ValidationException: Could not find training job" in line
+
+
+def test_findings_flag_flat_losses_and_vanishing_gradients() -> None:
+    analysis = DebugAnalysis(
+        "x",
+        losses={
+            "loss (TRAIN)": {0: 1.0, 1: 1.1, 2: 1.2, 3: 1.3},
+            "loss (EVAL)": {0: 2.0, 1: 2.5},
+            "ok (TRAIN)": {0: 2.0, 1: 1.5, 2: 1.0, 3: 0.5},
+        },
+        gradient_norms={"ResNet_fc.weight": {0: 0.3}, "ResNet_conv1.weight": {0: 1e-9, 2: 2e-9}},
+    )
+    assert findings(analysis) == [
+        "loss (TRAIN): not decreasing (1.0000 -> 1.3000)",
+        "gradient of ResNet_conv1.weight: vanishing (max L2 norm 2.00e-09)",
+    ]
+
+
+def test_launch_commands_do_not_import_torch() -> None:
+    """smdebug.trials imports torch; the report imports it only when it reads tensors."""
+    code = (
+        "import sys, launch.report, launch.training, launch.tuning; "
+        "assert 'torch' not in sys.modules, 'torch imported'; "
+        "assert 'smdebug.trials' not in sys.modules"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
