@@ -71,7 +71,7 @@ PROFILER_INTERVALS = (100, 200, 500, 1000, 5000, 60000)
 
 def add_estimator_arguments(parser: argparse.ArgumentParser) -> None:
     """What a training job runs on and reads: shared by `train` and `tune`."""
-    parser.add_argument("--instance-type", default="ml.g4dn.xlarge", help="%(default)s")
+    parser.add_argument("--instance-type", default="ml.g4dn.xlarge", help="(default: %(default)s)")
     parser.add_argument(
         "--input-mode",
         default="FastFile",
@@ -301,6 +301,8 @@ def run(args: argparse.Namespace, common: Common) -> int:
     if not args.wait:
         print(f"started; follow it with: launch report {name}")
         return 0
+    if args.logs:
+        print()  # the SDK's log stream ends without a newline
     description = aws.sagemaker.describe_training_job(name)
     print(f"model: {description['ModelArtifacts']['S3ModelArtifacts']}")
     for metric, value in final_metrics(description).items():

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from container.training.metrics import METRIC_DEFINITIONS
+from launch.errors import explain, job_ended
 from tests.conftest import VENV_BIN, _free_port, wait_for_http
 from tests.launch.conftest import Launch
 
@@ -195,3 +196,16 @@ def test_no_region_is_one_line(launch: Launch, bucket: str) -> None:
     launch.env = env
     line = error_line(launch("train", "--bucket", bucket, "--no-wait"))
     assert line.startswith("launch: no AWS region: pass --region")
+
+
+def test_a_failed_job_is_one_line_with_its_reason() -> None:
+    """What `train` raises for the SDK's UnexpectedStatusException (moto never fails a job)."""
+    error = job_ended("training", "dog-train-1", "Failed", "AlgorithmError: CUDA out of\nmemory")
+    assert (
+        explain(error)
+        == "training job dog-train-1 ended Failed: AlgorithmError: CUDA out of memory"
+    )
+    assert (
+        str(job_ended("tuning", "t", "Stopped", None))
+        == "tuning job t ended Stopped: no FailureReason given"
+    )
