@@ -279,6 +279,8 @@ def run(args: argparse.Namespace, common: Common) -> int:
         aws,
         args,
         hyperparameters=values,
+        # System monitoring only: framework profiling is deprecated for PyTorch >= 2 (CONTRACT.md
+        # §4.5), and the platform collects CPU/GPU/memory/IO for any container.
         profiler_config=ProfilerConfig(
             s3_output_path=aws.s3_uri("profiler"),
             system_monitor_interval_millis=args.profiler_interval,
