@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 
 import boto3
+from botocore.exceptions import NoRegionError
 from sagemaker.session import Session
 
 from launch.settings import Common
@@ -24,8 +25,11 @@ class Aws:
 
     @classmethod
     def connect(cls, common: Common) -> Aws:
-        """Sessions for the region of the settings, else the AWS CLI's (NoRegionError if none)."""
+        """Sessions for the region of the settings, else the AWS CLI's (NoRegionError if none:
+        the SageMaker Session would raise a bare ValueError for it)."""
         boto = boto3.Session(region_name=common.region)
+        if boto.region_name is None:
+            raise NoRegionError()
         session = Session(boto_session=boto, default_bucket=common.bucket)
         return cls(boto, session, common)
 

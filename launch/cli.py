@@ -85,7 +85,10 @@ def _parser(config: dict[str, Any]) -> tuple[argparse.ArgumentParser, dict[str, 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("SAGEMAKER_SUPPRESS_V2_WARNING", "1")  # v2 is this tool's choice
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # This tool's and the SDK's progress lines; not botocore's or httpx's per-request chatter.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    for name in ("launch", "sagemaker"):
+        logging.getLogger(name).setLevel(logging.INFO)
     logging.getLogger("sagemaker.config").setLevel(logging.WARNING)
     config_flag = argparse.ArgumentParser(add_help=False)
     config_flag.add_argument("--config", type=Path)

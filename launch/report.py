@@ -31,7 +31,6 @@ from matplotlib.figure import Figure
 from container.training.metrics import METRIC_NAMES
 from launch.aws import Aws, console_url
 from launch.settings import Common
-from launch.training import connect
 
 __all__ = ["HELP", "DebugAnalysis", "add_arguments", "analyse_debug_output", "run"]
 
@@ -267,7 +266,7 @@ def _default_debug_path(description: Mapping[str, Any]) -> str | None:
 
 
 def run(args: argparse.Namespace, common: Common) -> int:
-    aws = connect(common)
+    aws = Aws.connect(common)
     description = aws.sagemaker.sagemaker_client.describe_training_job(TrainingJobName=args.job)
     status = description["TrainingJobStatus"]
     rules_html, rule_lines = _rules_section(description)

@@ -16,9 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import boto3
 import smdebug_rulesconfig as rule_configs  # type: ignore[import-untyped]  # = sagemaker.debugger.rule_configs
-from botocore.exceptions import NoRegionError
 from sagemaker.debugger.debugger import CollectionConfig, DebuggerHookConfig, Rule
 from sagemaker.debugger.profiler_config import ProfilerConfig
 from sagemaker.estimator import Estimator
@@ -39,7 +37,6 @@ __all__ = [
     "add_arguments",
     "add_estimator_arguments",
     "channels",
-    "connect",
     "estimator",
     "hyperparameters",
     "metric_definitions",
@@ -177,14 +174,6 @@ def hyperparameters(file: Path | None, pairs: Sequence[str]) -> dict[str, str]:
     return encoded
 
 
-def connect(common: Common) -> Aws:
-    """Aws.connect, with a missing region said as botocore says it (the SageMaker Session raises
-    a bare ValueError for it, which would end in a traceback)."""
-    if boto3.Session(region_name=common.region).region_name is None:
-        raise NoRegionError()
-    return Aws.connect(common)
-
-
 def channels(aws: Aws, args: argparse.Namespace) -> dict[str, TrainingInput]:
     """Every channel as a TrainingInput with the chosen input mode."""
     return {
@@ -274,7 +263,7 @@ def run(args: argparse.Namespace, common: Common) -> int:
     values = hyperparameters(args.hyperparameters, args.set)
     if args.instance_count < 1:
         raise LaunchError(f"--instance-count {args.instance_count}: give 1 or more")
-    aws = connect(common)
+    aws = Aws.connect(common)
     job = estimator(
         aws,
         args,

@@ -29,7 +29,6 @@ from launch.settings import Common
 from launch.training import (
     add_estimator_arguments,
     channels,
-    connect,
     estimator,
     hyperparameters,
     metric_definitions,
@@ -145,14 +144,14 @@ def _strategy(args: argparse.Namespace, static: Mapping[str, str]) -> dict[str, 
 
 def run(args: argparse.Namespace, common: Common) -> int:
     if args.leaderboard:
-        aws = connect(common)
+        aws = Aws.connect(common)
         return _report(aws, args.leaderboard, args.best_out)
     common.need("role")
     common.need("image_uri")
     static = _static(args)
     ranges = _ranges(args)
     strategy = _strategy(args, static)
-    aws = connect(common)
+    aws = Aws.connect(common)
     base = estimator(
         aws, args, hyperparameters=static, debugger_hook_config=False, disable_profiler=True
     )

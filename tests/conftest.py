@@ -163,20 +163,25 @@ VENV_BIN = Path(sys.executable).parent  # not resolved: the venv's bin, not the 
 @pytest.fixture(scope="session")
 def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real moto_server process on a free port, for every AWS API test; its URL."""
-    log = tmp_path_factory.mktemp("moto") / "moto_server.log"
+    folder = tmp_path_factory.mktemp("moto")
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     args = [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
-    with background(args, log, f"{url}/moto-api/"):
+    # Its request recorder on: what a test's command sent, read back with /moto-api/recorder/.
+    env = {**os.environ, "MOTO_RECORDER_FILEPATH": str(folder / "requests.jsonl")}
+    with background(args, folder / "moto_server.log", f"{url}/moto-api/", env=env):
+        httpx.post(f"{url}/moto-api/recorder/start-recording").raise_for_status()
         yield url
 
 
 @contextmanager
-def background(args: Sequence[str], log: Path, ready_url: str) -> Iterator[None]:
+def background(
+    args: Sequence[str], log: Path, ready_url: str, env: Mapping[str, str] | None = None
+) -> Iterator[None]:
     """A server process, its output in `log` (a file, not a pipe, which a chatty server such as
     moto would fill), ready once `ready_url` answers; terminated at the end."""
     with log.open("w") as sink:
-        process = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT, env=env)
     try:
         wait_for_http(ready_url, process, log)
         yield

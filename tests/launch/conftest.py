@@ -5,6 +5,8 @@ What SageMaker would receive is read back from moto with boto3 (describe_* of wh
 
 from __future__ import annotations
 
+import base64
+import json
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -17,6 +19,7 @@ import httpx
 import pytest
 
 from tests.conftest import ROOT
+from tests.serving.conftest import server, trained  # noqa: F401 (a served model, shared)
 
 ROLE = "arn:aws:iam::123456789012:role/SageMakerRole"
 IMAGE_URI = "123456789012.dkr.ecr.us-east-1.amazonaws.com/sagemaker-dog-classifier:test"
@@ -49,18 +52,35 @@ class Launch:
         assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
         return done
 
+    def sent(self, target: str) -> list[dict[str, Any]]:
+        """The JSON bodies of the requests moto received since the test began whose X-Amz-Target
+        is `target` (e.g. "SageMaker.CreateTrainingJob"): what SageMaker would have received."""
+        url = f"{self.env['AWS_ENDPOINT_URL']}/moto-api/recorder/download-recording"
+        bodies = []
+        for line in httpx.get(url).text.splitlines():
+            entry = json.loads(line)
+            headers = {k.lower(): v for k, v in entry["headers"].items()}
+            if headers.get("x-amz-target") == target:
+                body = entry["body"]
+                bodies.append(json.loads(base64.b64decode(body) if entry["body_encoded"] else body))
+        return bodies
+
     def client(self, service: str) -> Any:
         """A boto3 client on moto, to read back what the command created."""
-        return boto3.Session(region_name="us-east-1").client(
-            service, endpoint_url=self.env["AWS_ENDPOINT_URL"]
+        session = boto3.Session(
+            aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"],
+            region_name=self.env["AWS_DEFAULT_REGION"],
         )
+        return session.client(service, endpoint_url=self.env["AWS_ENDPOINT_URL"])
 
 
 @pytest.fixture
 def launch(aws_env: dict[str, str], sagemaker_sdk_env: dict[str, str], tmp_path: Path) -> Launch:
     """`launch` against a freshly reset moto with fake credentials, the SDK's telemetry off, run
     from a folder of its own."""
-    httpx.post(f"{aws_env['AWS_ENDPOINT_URL']}/moto-api/reset").raise_for_status()
+    for reset in ("reset", "recorder/reset-recording"):
+        httpx.post(f"{aws_env['AWS_ENDPOINT_URL']}/moto-api/{reset}").raise_for_status()
     env = {**aws_env, **sagemaker_sdk_env, "PYTHONPATH": str(ROOT)}
     work = tmp_path / "work"
     work.mkdir()

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from tests.launch.conftest import Launch
-from tests.launch.test_hosting import artifact, client
+from tests.launch.test_hosting import artifact
 
 MODEL_DATA = "s3://artifacts/model.tar.gz"
 
@@ -17,8 +17,8 @@ def _deploy(launch: Launch, *flags: str) -> None:
 
 
 def _remaining(launch: Launch) -> dict[str, list[str]]:
-    sagemaker = client(launch, "sagemaker")
-    scaling = client(launch, "application-autoscaling")
+    sagemaker = launch.client("sagemaker")
+    scaling = launch.client("application-autoscaling")
     return {
         "endpoints": [e["EndpointName"] for e in sagemaker.list_endpoints()["Endpoints"]],
         "configs": [

@@ -6,7 +6,6 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 
 from tests.launch.conftest import Launch
@@ -20,17 +19,6 @@ def _expected(dataset: Path) -> dict[str, int]:
     return {PREFIX + p.relative_to(dataset).as_posix(): p.stat().st_size for p in files}
 
 
-def s3_client(launch: Launch) -> Any:
-    """A boto3 S3 client on moto with the fixture's fake credentials (launch.client reads the
-    credentials of the test process, which has none)."""
-    env = launch.env
-    return boto3.Session(
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        region_name="us-east-1",
-    ).client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
-
-
 def _objects(s3: Any) -> dict[str, int]:
     pages = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
     return {o["Key"]: o["Size"] for page in pages for o in page.get("Contents", [])}
@@ -39,7 +27,7 @@ def _objects(s3: Any) -> dict[str, int]:
 def test_uploads_the_channels_then_only_what_is_missing(launch: Launch, dataset: Path) -> None:
     expected = _expected(dataset)
     first = launch.ok("upload-data", str(dataset), "--bucket", BUCKET)
-    s3 = s3_client(launch)
+    s3 = launch.client("s3")
     assert _objects(s3) == expected
     assert f"uploaded {len(expected)} files" in first.stdout
     for channel in ("train", "valid", "test"):
@@ -69,7 +57,7 @@ def test_a_zip_uploads_like_the_folder(
         for path in sorted(dataset.rglob("*")):
             zipped.write(path, top + path.relative_to(dataset).as_posix())
     done = launch.ok("upload-data", str(archive), "--bucket", BUCKET)
-    assert _objects(s3_client(launch)) == _expected(dataset)
+    assert _objects(launch.client("s3")) == _expected(dataset)
     assert "train s3://" in done.stdout
 
 

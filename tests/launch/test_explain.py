@@ -16,12 +16,12 @@ import pytest
 
 from container.sagemaker_env import OptMl
 from tests.launch.conftest import Launch
-from tests.launch.test_hosting import artifact, client, one_line_error
-from tests.serving.conftest import Server, server, trained  # noqa: F401  (fixtures)
+from tests.launch.test_hosting import artifact, one_line_error
+from tests.serving.conftest import Server
 
 
 @pytest.fixture
-def jpegs(trained: OptMl, tmp_path: Path) -> Path:  # noqa: F811
+def jpegs(trained: OptMl, tmp_path: Path) -> Path:
     """Three held-out JPEGs of the trained model, in nested class folders."""
     found = sorted(trained.channel_dir("test").rglob("*.jpg"))[:3]
     assert len(found) == 3
@@ -33,15 +33,15 @@ def jpegs(trained: OptMl, tmp_path: Path) -> Path:  # noqa: F811
     return folder
 
 
-def _class_names(trained: OptMl) -> set[str]:  # noqa: F811
+def _class_names(trained: OptMl) -> set[str]:
     classes: Any = json.loads((trained.model_dir / "classes.json").read_text())
     return {str(n) for n in (classes.values() if isinstance(classes, dict) else classes)}
 
 
 def test_gallery_from_a_local_server(
     launch: Launch,
-    server: Server,  # noqa: F811
-    trained: OptMl,  # noqa: F811
+    server: Server,
+    trained: OptMl,
     jpegs: Path,
 ) -> None:
     out = launch.cwd / "gallery.html"
@@ -62,7 +62,7 @@ def test_gallery_from_a_local_server(
 
 
 @pytest.fixture
-def runtime(server: Server) -> Iterator[str]:  # noqa: F811
+def runtime(server: Server) -> Iterator[str]:
     """A stand-in for the SageMaker runtime API in front of the real `serve` process.
 
     moto cannot take InvokeEndpoint with a binary body, so the test runs its own: POST
@@ -138,7 +138,7 @@ def test_unknown_endpoint_is_one_line(launch: Launch, tmp_path: Path) -> None:
 
 def test_clarify_job_request(launch: Launch, tmp_path: Path) -> None:
     launch.ok("deploy", "--model-data", artifact(launch), "--no-wait", "--prefix", "dogs")
-    sagemaker = client(launch, "sagemaker")
+    sagemaker = launch.client("sagemaker")
     (model,) = sagemaker.list_models()["Models"]
     folder = tmp_path / "images"
     folder.mkdir()
@@ -168,7 +168,7 @@ def test_clarify_job_request(launch: Launch, tmp_path: Path) -> None:
     (output,) = job["ProcessingOutputConfig"]["Outputs"]
     assert output["S3Output"]["S3Uri"] == f"{prefix}/report"
 
-    s3 = client(launch, "s3")
+    s3 = launch.client("s3")
     listed = s3.list_objects_v2(Bucket="clarify-bucket", Prefix=f"dogs/{name.group(1)}/images/")
     assert sorted(o["Key"].rsplit("/", 1)[-1] for o in listed["Contents"]) == ["a.jpg", "b.jpg"]
     bucket, key = inputs["analysis_config"].removeprefix("s3://").split("/", 1)

@@ -6,28 +6,15 @@ import re
 import subprocess
 from typing import Any
 
-import boto3
-
 from tests.launch.conftest import IMAGE_URI, ROLE, Launch
 
 MODEL_DATA = "s3://artifacts/dog-classifier/train-1/output/model.tar.gz"
 
 
-def client(launch: Launch, service: str) -> Any:
-    """A boto3 client on moto with the fixture's fake credentials (launch.client reads the test
-    process's own credentials, which it has none of)."""
-    env = launch.env
-    return boto3.Session(
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        region_name="us-east-1",
-    ).client(service, endpoint_url=env["AWS_ENDPOINT_URL"])
-
-
 def artifact(launch: Launch, uri: str = MODEL_DATA) -> str:
     """A model.tar.gz in moto's S3 (deploy looks for it before creating anything)."""
     bucket, _, key = uri.removeprefix("s3://").partition("/")
-    s3 = client(launch, "s3")
+    s3 = launch.client("s3")
     s3.create_bucket(Bucket=bucket)
     s3.put_object(Bucket=bucket, Key=key, Body=b"not really a tarball")
     return uri
@@ -83,7 +70,7 @@ def test_deploy_gpu_endpoint_with_autoscaling(launch: Launch) -> None:
     assert endpoint.startswith("dogs-endpoint-")
     assert f"#/endpoints/{endpoint}" in done.stdout
     assert f"launch explain IMAGES --endpoint {endpoint}" in done.stdout
-    sagemaker = client(launch, "sagemaker")
+    sagemaker = launch.client("sagemaker")
 
     described = sagemaker.describe_endpoint(EndpointName=endpoint)
     assert described["EndpointStatus"] == "InService"
@@ -109,7 +96,7 @@ def test_deploy_gpu_endpoint_with_autoscaling(launch: Launch) -> None:
     for arn in (described["EndpointArn"], config["EndpointConfigArn"], model["ModelArn"]):
         assert _tags(sagemaker, arn) == {"created-by": "launch", "launch-prefix": "dogs"}
 
-    scaling = client(launch, "application-autoscaling")
+    scaling = launch.client("application-autoscaling")
     resource = f"endpoint/{endpoint}/variant/AllTraffic"
     (target,) = scaling.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"]
     assert target["ResourceId"] == resource
@@ -141,14 +128,14 @@ def test_deploy_serverless_without_waiting(launch: Launch) -> None:
         "--no-wait",
     )
     assert _endpoint(done.stdout) == "dogs-cpu"
-    sagemaker = client(launch, "sagemaker")
+    sagemaker = launch.client("sagemaker")
     config = sagemaker.describe_endpoint_config(EndpointConfigName="dogs-cpu")
     (variant,) = config["ProductionVariants"]
     assert variant["ServerlessConfig"] == {"MemorySizeInMB": 4096, "MaxConcurrency": 3}
     assert "InstanceType" not in variant
     assert "InferenceAmiVersion" not in variant
     assert sagemaker.describe_endpoint(EndpointName="dogs-cpu")["EndpointConfigName"] == "dogs-cpu"
-    scaling = client(launch, "application-autoscaling")
+    scaling = launch.client("application-autoscaling")
     assert scaling.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"] == []
 
 
@@ -162,7 +149,7 @@ def test_deploy_mistakes_are_one_line_and_create_nothing(launch: Launch) -> None
         assert message in one_line_error(launch("deploy", "--model-data", MODEL_DATA, *flags))
     missing = one_line_error(launch("deploy", "--model-data", MODEL_DATA))
     assert missing.startswith(f"launch: no model artifact at {MODEL_DATA}: ")
-    sagemaker = client(launch, "sagemaker")
+    sagemaker = launch.client("sagemaker")
     assert sagemaker.list_models()["Models"] == []
     assert sagemaker.list_endpoints()["Endpoints"] == []
 
@@ -171,4 +158,4 @@ def test_deploy_without_role_is_one_line(launch: Launch) -> None:
     launch.common = ["--image-uri", IMAGE_URI]
     done = launch("deploy", "--model-data", MODEL_DATA)
     assert one_line_error(done) == "launch: no role given: pass --role, or set role in launch.toml"
-    assert client(launch, "sagemaker").list_models()["Models"] == []
+    assert launch.client("sagemaker").list_models()["Models"] == []

@@ -2,43 +2,22 @@
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
-from container.sagemaker_env import OptMl
-from tests.conftest import FAST, Job
 from tests.launch.conftest import Launch
-from tests.serving.conftest import Server, start_server
+from tests.serving.conftest import Server
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory, dataset: Path) -> Iterator[Server]:
-    """The real `serve` on a free port, with a model the real `train` made in a few seconds."""
-    job = Job(OptMl(tmp_path_factory.mktemp("model")))
-    shutil.copytree(dataset, job.opt_ml.data_dir)
-    job.set_channels("train", "valid", "test")
-    job.set_hyperparameters(FAST)
-    trained = job.run()
-    assert trained.returncode == 0, trained.stderr
-    server = start_server(job.base, tmp_path_factory.mktemp("serve") / "serve.log")
-    server.wait_until(200)
-    yield server
-    assert server.stop() == 0
-
-
-def test_url_prints_what_the_server_answered(launch: Launch, served: Server, dataset: Path) -> None:
+def test_url_prints_what_the_server_answered(launch: Launch, server: Server, dataset: Path) -> None:
     folder = dataset / "test" / "002.Afghan_hound"
     single = dataset / "test" / "001.Affenpinscher" / "001.Affenpinscher_00000.jpg"
-    done = launch.ok("invoke", str(single), str(folder), "--url", served.url, "--top-k", "3")
+    done = launch.ok("invoke", str(single), str(folder), "--url", server.url, "--top-k", "3")
     images = [single, *sorted(p for p in folder.iterdir() if p.suffix in (".jpg", ".png"))]
     blocks = done.stdout.split("\n" + str(dataset))  # one block per image, in order
     assert len(blocks) == len(images)
     for image, block in zip(images, blocks, strict=True):
         content_type = "image/png" if image.suffix == ".png" else "image/jpeg"
-        answer = served.post(
+        answer = server.post(
             image.read_bytes(), content_type, X_Amzn_SageMaker_Custom_Attributes="top_k=3"
         ).json()
         assert str(image).endswith(block.splitlines()[0].split("  ")[0])
@@ -53,11 +32,11 @@ def test_url_prints_what_the_server_answered(launch: Launch, served: Server, dat
 
 
 def test_url_reports_a_rejected_image_and_fails(
-    launch: Launch, served: Server, tmp_path: Path
+    launch: Launch, server: Server, tmp_path: Path
 ) -> None:
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg at all")
-    done = launch("invoke", str(broken), "--url", served.url)
+    done = launch("invoke", str(broken), "--url", server.url)
     assert done.returncode == 1
     assert f"{broken}: HTTP 400:" in done.stdout
     assert "1 of 1 images failed" in done.stdout

@@ -9,7 +9,6 @@ import sys
 from launch.report import DebugAnalysis, findings
 from tests.conftest import Job
 from tests.launch.conftest import Launch
-from tests.launch.test_training import client
 
 BUCKET = "report-bucket"
 
@@ -27,7 +26,7 @@ HOOK_CONFIG = {
 
 
 def _train_job(launch: Launch, *flags: str) -> str:
-    client(launch, "s3").create_bucket(Bucket=BUCKET)
+    launch.client("s3").create_bucket(Bucket=BUCKET)
     done = launch.ok("train", "--bucket", BUCKET, "--no-wait", *flags)
     return done.stdout.splitlines()[0].removeprefix("training job ")
 

@@ -2,78 +2,22 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import boto3
-import httpx
 import pytest
 
 from container.training.metrics import METRIC_DEFINITIONS
 from launch.errors import explain, job_ended
-from tests.conftest import VENV_BIN, _free_port, wait_for_http
 from tests.launch.conftest import Launch
 
 BUCKET = "dog-bucket"
 
 
-def client(launch: Launch, service: str) -> Any:
-    """boto3 on moto with the fake credentials of the launch's environment."""
-    env = launch.env
-    return boto3.Session(
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        region_name="us-east-1",
-    ).client(service, endpoint_url=env["AWS_ENDPOINT_URL"])
-
-
-@pytest.fixture(scope="module")
-def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """moto_server with its request recorder on: moto keeps neither ProfilerConfig nor the
-    metric definitions of a training job (it overwrites them), so those are read from the
-    recorded CreateTrainingJob request."""
-    folder = tmp_path_factory.mktemp("moto-recorded")
-    port = _free_port()
-    env = {"MOTO_RECORDER_FILEPATH": str(folder / "recording.jsonl")}
-    with (folder / "moto_server.log").open("w") as sink:
-        process = subprocess.Popen(
-            [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            env={**__import__("os").environ, **env},
-            cwd=folder,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_http(f"{url}/moto-api/", process, folder / "moto_server.log")
-        httpx.post(f"{url}/moto-api/recorder/start-recording").raise_for_status()
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-
-
-def sent(launch: Launch, target: str) -> list[dict[str, Any]]:
-    """The bodies of the recorded requests with X-Amz-Target `target`."""
-    text = httpx.get(f"{launch.env['AWS_ENDPOINT_URL']}/moto-api/recorder/download-recording").text
-    bodies = []
-    for line in text.splitlines():
-        entry = json.loads(line)
-        headers = {k.lower(): v for k, v in entry["headers"].items()}
-        if headers.get("x-amz-target") == target:
-            body = entry["body"]
-            bodies.append(json.loads(base64.b64decode(body) if entry["body_encoded"] else body))
-    return bodies
-
-
 @pytest.fixture
 def bucket(launch: Launch) -> str:
-    httpx.post(f"{launch.env['AWS_ENDPOINT_URL']}/moto-api/recorder/reset-recording")
-    client(launch, "s3").create_bucket(Bucket=BUCKET)
+    launch.client("s3").create_bucket(Bucket=BUCKET)
     return BUCKET
 
 
@@ -94,7 +38,7 @@ def test_train_sends_debugger_rules_profiler_spot_and_fastfile(
     name = _name(done.stdout)
     assert name.startswith("dog-classifier-train-")
     assert f"#/jobs/{name}" in done.stdout
-    job = client(launch, "sagemaker").describe_training_job(TrainingJobName=name)
+    job = launch.client("sagemaker").describe_training_job(TrainingJobName=name)
 
     assert job["HyperParameters"] == {
         "epochs": "4", "lr": "0.0123", "batch_size": "16", "optimizer": "adamw"
@@ -136,7 +80,7 @@ def test_train_sends_debugger_rules_profiler_spot_and_fastfile(
     assert all("sagemaker-debugger-rules" in r["RuleEvaluatorImage"] for r in rules.values())
 
     # What moto does not keep: the request itself.
-    (request,) = sent(launch, "SageMaker.CreateTrainingJob")
+    (request,) = launch.sent("SageMaker.CreateTrainingJob")
     assert request["AlgorithmSpecification"]["MetricDefinitions"] == METRIC_DEFINITIONS
     assert request["ProfilerConfig"] == {
         "S3OutputPath": f"s3://{bucket}/dog-classifier/profiler",
@@ -153,10 +97,10 @@ def test_train_waits_then_prints_model_and_final_metrics(launch: Launch, bucket:
     model = f"s3://{bucket}/dog-classifier/output/{name}/output/model.tar.gz"
     assert f"model: {model}" in done.stdout
     assert "train:progress = 100" in done.stdout
-    job = client(launch, "sagemaker").describe_training_job(TrainingJobName=name)
+    job = launch.client("sagemaker").describe_training_job(TrainingJobName=name)
     assert "DebugHookConfig" not in job
     assert "EnableManagedSpotTraining" not in job or not job["EnableManagedSpotTraining"]
-    (request,) = sent(launch, "SageMaker.CreateTrainingJob")
+    (request,) = launch.sent("SageMaker.CreateTrainingJob")
     assert "DebugRuleConfigurations" not in request
 
 
@@ -165,7 +109,7 @@ def test_checkpoints_without_spot(launch: Launch, bucket: str) -> None:
         "train", "--bucket", bucket, "--no-wait", "--checkpoint-s3-uri", f"s3://{bucket}/ck",
         "--input-mode", "File",
     )  # fmt: skip
-    job = client(launch, "sagemaker").describe_training_job(TrainingJobName=_name(done.stdout))
+    job = launch.client("sagemaker").describe_training_job(TrainingJobName=_name(done.stdout))
     assert job["CheckpointConfig"]["S3Uri"] == f"s3://{bucket}/ck"
     assert job["AlgorithmSpecification"]["TrainingInputMode"] == "File"
 

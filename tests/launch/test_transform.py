@@ -13,8 +13,6 @@ import pytest
 
 from container.class_names import class_name
 from tests.launch.conftest import IMAGE_URI, ROLE, Launch
-from tests.launch.test_data import s3_client
-from tests.launch.test_invoke import served  # noqa: F401 (a fixture)
 from tests.serving.conftest import Server
 
 BUCKET = "dog-batch"
@@ -86,17 +84,17 @@ def test_concurrency_times_payload_stays_within_100(launch: Launch) -> None:
 
 
 @pytest.fixture
-def outputs(launch: Launch, served: Server, dataset: Path) -> dict[str, bytes]:  # noqa: F811
+def outputs(launch: Launch, server: Server, dataset: Path) -> dict[str, bytes]:
     """The test channel in s3://BUCKET/in/ and, in s3://BUCKET/out/, the .out body the real
     server answers for each image, as batch transform writes them; one image has no output."""
-    s3 = s3_client(launch)
+    s3 = launch.client("s3")
     s3.create_bucket(Bucket=BUCKET)
     bodies = {}
     images = sorted(p for p in (dataset / "test").rglob("*") if p.is_file())
     for image in images:
         relative = image.relative_to(dataset / "test").as_posix()
         s3.put_object(Bucket=BUCKET, Key=f"in/{relative}", Body=image.read_bytes())
-        answer = served.post(image.read_bytes(), "image/jpeg", Accept="application/json")
+        answer = server.post(image.read_bytes(), "image/jpeg", Accept="application/json")
         assert answer.status_code == 200
         bodies[relative] = answer.content
     del bodies[images[0].relative_to(dataset / "test").as_posix()]  # as if it failed

@@ -12,14 +12,13 @@ import pytest
 from container.training.metrics import METRIC_DEFINITIONS
 from launch.tuning import best_hyperparameters, format_leaderboard, leaderboard
 from tests.launch.conftest import Launch
-from tests.launch.test_training import client
 
 BUCKET = "tune-bucket"
 
 
 @pytest.fixture
 def bucket(launch: Launch) -> str:
-    client(launch, "s3").create_bucket(Bucket=BUCKET)
+    launch.client("s3").create_bucket(Bucket=BUCKET)
     return BUCKET
 
 
@@ -37,7 +36,7 @@ def test_tune_sends_ranges_objective_metrics_and_limits(launch: Launch, bucket: 
     assert name.startswith("dog-classifier-tun")
     assert len(name) <= 32
     assert f"#/hyper-tuning-jobs/{name}" in done.stdout
-    job = client(launch, "sagemaker").describe_hyper_parameter_tuning_job(
+    job = launch.client("sagemaker").describe_hyper_parameter_tuning_job(
         HyperParameterTuningJobName=name
     )
     config = job["HyperParameterTuningJobConfig"]
@@ -87,7 +86,7 @@ def test_hyperband_turns_early_stopping_off_and_sets_resources(launch: Launch, b
         "tune", "--bucket", bucket, "--no-wait", "--strategy", "Hyperband", "--set", "epochs=8",
         "--min-resource", "2", "--train", "s3://elsewhere/train",
     )  # fmt: skip
-    job = client(launch, "sagemaker").describe_hyper_parameter_tuning_job(
+    job = launch.client("sagemaker").describe_hyper_parameter_tuning_job(
         HyperParameterTuningJobName=_name(done.stdout)
     )
     config = job["HyperParameterTuningJobConfig"]
@@ -229,11 +228,11 @@ def test_best_hyperparameters_are_static_plus_tuned_without_internals() -> None:
 
 def test_train_accepts_the_best_json(launch: Launch, tmp_path: Path) -> None:
     """What --best-out writes is what `launch train --hyperparameters` sends, value for value."""
-    client(launch, "s3").create_bucket(Bucket=BUCKET)
+    launch.client("s3").create_bucket(Bucket=BUCKET)
     best = best_hyperparameters(DESCRIPTION)
     path = tmp_path / "best.json"
     path.write_text(json.dumps(best))
     done = launch.ok("train", "--bucket", BUCKET, "--no-wait", "--hyperparameters", str(path))
     name = done.stdout.splitlines()[0].removeprefix("training job ")
-    job = client(launch, "sagemaker").describe_training_job(TrainingJobName=name)
+    job = launch.client("sagemaker").describe_training_job(TrainingJobName=name)
     assert job["HyperParameters"] == best
