@@ -147,11 +147,11 @@ def _files(source: Path, stack: ExitStack) -> Iterator[_File]:
 
 
 def run(args: argparse.Namespace, common: Common) -> int:
-    aws = Aws.connect(common)
-    bucket = aws.bucket
     data_prefix = f"{common.prefix}/data/"
     with ExitStack() as stack:
-        files = list(_files(args.source, stack))
+        files = list(_files(args.source, stack))  # a bad dataset stops here, before any AWS call
+        aws = Aws.connect(common)
+        bucket = aws.bucket
         existing = _existing(aws, bucket, data_prefix)
         todo = [
             (data_prefix + f.relative, f)

@@ -85,3 +85,12 @@ def launch(aws_env: dict[str, str], sagemaker_sdk_env: dict[str, str], tmp_path:
     work = tmp_path / "work"
     work.mkdir()
     return Launch(env, work)
+
+
+def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
+    """The error of a failed command: exit status 1, one `launch: ...` line on stderr and
+    nothing else (no traceback, no log chatter)."""
+    assert done.returncode == 1, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("launch: "), done.stderr
+    return line

@@ -15,8 +15,8 @@ import httpx
 import pytest
 
 from container.sagemaker_env import OptMl
-from tests.launch.conftest import Launch
-from tests.launch.test_hosting import artifact, one_line_error
+from tests.launch.conftest import Launch, one_line_error
+from tests.launch.test_hosting import artifact
 from tests.serving.conftest import Server
 
 

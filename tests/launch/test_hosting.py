@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import re
-import subprocess
 from typing import Any
 
-from tests.launch.conftest import IMAGE_URI, ROLE, Launch
+from tests.launch.conftest import IMAGE_URI, ROLE, Launch, one_line_error
 
 MODEL_DATA = "s3://artifacts/dog-classifier/train-1/output/model.tar.gz"
 
@@ -18,19 +17,6 @@ def artifact(launch: Launch, uri: str = MODEL_DATA) -> str:
     s3.create_bucket(Bucket=bucket)
     s3.put_object(Bucket=bucket, Key=key, Body=b"not really a tarball")
     return uri
-
-
-def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
-    """The one `launch: ...` line of a failed command, which exits 1 without a traceback.
-
-    Other stderr lines are botocore's INFO logs ("Found credentials in ...") that importing the
-    SDK triggers once the CLI has configured logging; they are not the command's error."""
-    assert done.returncode == 1, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
-    assert "Traceback" not in done.stderr
-    lines = [line for line in done.stderr.splitlines() if not line.startswith("Found ")]
-    assert len(lines) == 1, done.stderr
-    assert lines[0].startswith("launch: "), done.stderr
-    return lines[0]
 
 
 def _endpoint(stdout: str) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.launch.conftest import Launch
+from tests.launch.conftest import Launch, one_line_error
 from tests.serving.conftest import Server
 
 
@@ -45,13 +45,11 @@ def test_url_reports_a_rejected_image_and_fails(
 def test_moto_cannot_invoke_an_endpoint(launch: Launch, dataset: Path) -> None:
     image = next((dataset / "test").rglob("*.jpg"))
     done = launch("invoke", str(image), "--endpoint", "dog-classifier-endpoint")
-    assert done.returncode == 1
-    last = done.stderr.strip().splitlines()[-1]
+    last = one_line_error(done)
     assert last.startswith("launch: moto cannot invoke endpoints")
     assert "use --url against a local container" in last
 
 
 def test_no_images_is_one_line(launch: Launch, tmp_path: Path) -> None:
     done = launch("invoke", str(tmp_path), "--url", "http://127.0.0.1:9")
-    assert done.returncode == 1
-    assert done.stderr.strip().splitlines()[-1].startswith("launch: no images")
+    assert one_line_error(done).startswith("launch: no images")

@@ -8,7 +8,7 @@ import sys
 
 from launch.report import DebugAnalysis, findings
 from tests.conftest import Job
-from tests.launch.conftest import Launch
+from tests.launch.conftest import Launch, one_line_error
 
 BUCKET = "report-bucket"
 
@@ -77,9 +77,7 @@ def test_report_without_reachable_debug_output_says_why(launch: Launch) -> None:
 
 
 def test_report_of_an_unknown_job_is_one_line(launch: Launch) -> None:
-    done = launch("report", "no-such-job")
-    assert done.returncode == 1
-    (line,) = [x for x in done.stderr.splitlines() if x.startswith("launch:")]
+    line = one_line_error(launch("report", "no-such-job"))
     assert "DescribeTrainingJob: ValidationException: Could not find training job" in line
 
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from container.training.metrics import METRIC_DEFINITIONS
 from launch.errors import explain, job_ended
-from tests.launch.conftest import Launch
+from tests.launch.conftest import Launch, one_line_error
 
 BUCKET = "dog-bucket"
 
@@ -114,31 +113,23 @@ def test_checkpoints_without_spot(launch: Launch, bucket: str) -> None:
     assert job["AlgorithmSpecification"]["TrainingInputMode"] == "File"
 
 
-def error_line(done: subprocess.CompletedProcess[str]) -> str:
-    """The one `launch:` line of a failed run (botocore's INFO lines may come before it)."""
-    assert done.returncode == 1, done.stdout + done.stderr
-    (line,) = [x for x in done.stderr.splitlines() if x.startswith("launch:")]
-    assert "Traceback" not in done.stderr
-    return line
-
-
 def test_unknown_or_bad_hyperparameter_is_one_line(launch: Launch, bucket: str) -> None:
-    line = error_line(launch("train", "--bucket", bucket, "--set", "epoch=3"))
+    line = one_line_error(launch("train", "--bucket", bucket, "--set", "epoch=3"))
     assert line.startswith("launch: unknown hyperparameter(s) epoch: the image knows arch,")
-    line = error_line(launch("train", "--bucket", bucket, "--set", "epochs=zero"))
+    line = one_line_error(launch("train", "--bucket", bucket, "--set", "epochs=zero"))
     assert "epochs='zero'" in line
 
 
 def test_no_role_is_one_line_naming_the_flag(launch: Launch, bucket: str) -> None:
     launch.common = ["--image-uri", launch.common[3]]
-    line = error_line(launch("train", "--bucket", bucket))
+    line = one_line_error(launch("train", "--bucket", bucket))
     assert line == "launch: no role given: pass --role, or set role in launch.toml"
 
 
 def test_no_region_is_one_line(launch: Launch, bucket: str) -> None:
     env = {k: v for k, v in launch.env.items() if k != "AWS_DEFAULT_REGION"}
     launch.env = env
-    line = error_line(launch("train", "--bucket", bucket, "--no-wait"))
+    line = one_line_error(launch("train", "--bucket", bucket, "--no-wait"))
     assert line.startswith("launch: no AWS region: pass --region")
 
 

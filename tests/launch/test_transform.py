@@ -12,7 +12,7 @@ import boto3
 import pytest
 
 from container.class_names import class_name
-from tests.launch.conftest import IMAGE_URI, ROLE, Launch
+from tests.launch.conftest import IMAGE_URI, ROLE, Launch, one_line_error
 from tests.serving.conftest import Server
 
 BUCKET = "dog-batch"
@@ -73,14 +73,12 @@ def test_the_job_is_one_jpeg_per_request(launch: Launch) -> None:
 
 def test_a_model_name_or_model_data_is_needed(launch: Launch) -> None:
     done = launch("transform", "--no-wait", "--bucket", BUCKET)
-    assert done.returncode == 1
-    assert done.stderr.strip().splitlines()[-1].startswith("launch: no model: pass --model")
+    assert one_line_error(done).startswith("launch: no model: pass --model")
 
 
 def test_concurrency_times_payload_stays_within_100(launch: Launch) -> None:
     done = launch("transform", "--model", "m", "--max-concurrent-transforms", "17", "--no-wait")
-    assert done.returncode == 1
-    assert done.stderr.strip().splitlines()[-1].endswith("so 1 to 16")
+    assert one_line_error(done).endswith("so 1 to 16")
 
 
 @pytest.fixture
