@@ -50,8 +50,11 @@ def explain(exc: LaunchError | BotoCoreError | ClientError) -> str:
         code = str(error.get("Code", ""))
         message = str(error.get("Message", exc))
         hint = _CLIENT_ERRORS.get(code)
-        if code == "ValidationException" and "instance type" in message.lower():
+        lowered = message.lower()
+        if code == "ValidationException" and "instance type" in lowered:
             hint = "unknown or unavailable instance type: pick one the region offers"
+        elif code == "ValidationException" and "image" in lowered and "not" in lowered:
+            hint = "the image is not in ECR: run ./push_to_ecr.sh and pass the URI it prints"
         detail = f"{exc.operation_name}: {code}: {message}"
         return f"{hint} ({detail})" if hint else detail
     return str(exc)
