@@ -87,6 +87,13 @@ def launch(aws_env: dict[str, str], sagemaker_sdk_env: dict[str, str], tmp_path:
     return Launch(env, work)
 
 
+@pytest.fixture
+def bucket(launch: Launch) -> str:
+    """A bucket in moto for the command's data and artifacts (pass it as --bucket)."""
+    launch.client("s3").create_bucket(Bucket="launch-bucket")
+    return "launch-bucket"
+
+
 def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
     """The error of a failed command: exit status 1, one `launch: ...` line on stderr and
     nothing else (no traceback, no log chatter)."""

@@ -5,19 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 from container.training.metrics import METRIC_DEFINITIONS
 from launch.errors import explain, job_ended
 from tests.launch.conftest import Launch, one_line_error
-
-BUCKET = "dog-bucket"
-
-
-@pytest.fixture
-def bucket(launch: Launch) -> str:
-    launch.client("s3").create_bucket(Bucket=BUCKET)
-    return BUCKET
 
 
 def _name(stdout: str) -> str:

@@ -13,14 +13,6 @@ from container.training.metrics import METRIC_DEFINITIONS
 from launch.tuning import best_hyperparameters, format_leaderboard, leaderboard
 from tests.launch.conftest import Launch, one_line_error
 
-BUCKET = "tune-bucket"
-
-
-@pytest.fixture
-def bucket(launch: Launch) -> str:
-    launch.client("s3").create_bucket(Bucket=BUCKET)
-    return BUCKET
-
 
 def _name(stdout: str) -> str:
     return stdout.splitlines()[0].removeprefix("tuning job ")
@@ -225,13 +217,12 @@ def test_best_hyperparameters_are_static_plus_tuned_without_internals() -> None:
         best_hyperparameters(placeholder)
 
 
-def test_train_accepts_the_best_json(launch: Launch, tmp_path: Path) -> None:
+def test_train_accepts_the_best_json(launch: Launch, bucket: str, tmp_path: Path) -> None:
     """What --best-out writes is what `launch train --hyperparameters` sends, value for value."""
-    launch.client("s3").create_bucket(Bucket=BUCKET)
     best = best_hyperparameters(DESCRIPTION)
     path = tmp_path / "best.json"
     path.write_text(json.dumps(best))
-    done = launch.ok("train", "--bucket", BUCKET, "--no-wait", "--hyperparameters", str(path))
+    done = launch.ok("train", "--bucket", bucket, "--no-wait", "--hyperparameters", str(path))
     name = done.stdout.splitlines()[0].removeprefix("training job ")
     job = launch.client("sagemaker").describe_training_job(TrainingJobName=name)
     assert job["HyperParameters"] == best
