@@ -3,7 +3,8 @@
 It holds the Debugger rules' verdicts (DescribeTrainingJob), the metrics over time (CloudWatch,
 through `TrainingJobAnalytics`) and, when the Debugger output can be read, an smdebug trial
 analysis: loss curves per mode, gradient norms per layer, and what looks wrong in them. Plots are
-PNGs embedded as base64, so the page is a single file.
+PNGs embedded as base64, so the page is a single file. The job's own reports (evaluation and
+profile, from its output.tar.gz) are unpacked beside the page and linked from it.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import base64
 import contextlib
 import html
 import io
+import json
 import math
 import sys
+import tarfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -257,6 +260,45 @@ def _debug_section(aws: Aws, path: str | None) -> tuple[str, list[str]]:
     return "".join(parts), lines
 
 
+_JOB_REPORTS = ("evaluation.html", "evaluation.json", "profile.html", "profile.json")
+"""What `train` writes to /opt/ml/output/data, which SageMaker tars into output.tar.gz."""
+
+
+def _job_reports_section(
+    aws: Aws, description: Mapping[str, Any], folder: Path
+) -> tuple[str, list[str]]:
+    """Unpack the job's own reports from its output.tar.gz into `folder`; link and sum them up."""
+    output = description["OutputDataConfig"]["S3OutputPath"].rstrip("/")
+    uri = f"{output}/{description['TrainingJobName']}/output/output.tar.gz"
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    archive = folder / "output.tar.gz"
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        aws.boto.client("s3").download_file(bucket, key, str(archive))
+    except ClientError:
+        line = f"the job's own reports: no {uri} (yet)"
+        return f"<p>{html.escape(line)}</p>", [line]
+    with tarfile.open(archive) as tar:  # the known names only, written by us: nothing escapes
+        for member in tar.getmembers():
+            name = member.name.removeprefix("./")
+            source = tar.extractfile(member) if name in _JOB_REPORTS else None
+            if source is not None:
+                (folder / name).write_bytes(source.read())
+    archive.unlink()
+    found = [name for name in _JOB_REPORTS if (folder / name).is_file()]
+    links = " ".join(f'<a href="{html.escape(f"{folder.name}/{n}")}">{n}</a>' for n in found)
+    parts, lines = [f"<p>{links or 'none in output.tar.gz'}</p>"], [f"job reports -> {folder}/"]
+    if "evaluation.json" in found:
+        evaluation = json.loads((folder / "evaluation.json").read_text())
+        rows = [
+            (split, v["images"], f"{v['accuracy']:.4f}", f"{v['top5']:.4f}", f"{v['loss']:.4f}")
+            for split, v in evaluation["splits"].items()
+        ]
+        parts.append(_table(("split", "images", "accuracy", "top-5", "loss"), rows))
+        lines += [f"{split}: accuracy {acc}" for split, _, acc, _, _ in rows]
+    return "".join(parts), lines
+
+
 def _default_debug_path(description: Mapping[str, Any]) -> str | None:
     hook = description.get("DebugHookConfig")
     if not hook:
@@ -274,6 +316,9 @@ def run(args: argparse.Namespace, common: Common) -> int:
     debug_html, debug_lines = _debug_section(
         aws, args.debug_path or _default_debug_path(description)
     )
+    reports_html, report_lines = _job_reports_section(
+        aws, description, args.out.with_name(f"{args.out.stem}-{args.job}")
+    )
     final = [(m["MetricName"], m["Value"]) for m in description.get("FinalMetricDataList", [])]
     link = console_url(aws.region, "jobs", args.job)
     page = f"""<!doctype html><html><head><meta charset="utf-8">
@@ -284,6 +329,7 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:2px 6px}}<
 <p>status {html.escape(status)} {html.escape(description.get("FailureReason", ""))}
 - <a href="{html.escape(link)}">console</a></p>
 <h2>Final metrics</h2>{_table(("metric", "value"), final)}
+<h2>The job's own reports</h2>{reports_html}
 <h2>Debugger rules</h2>{rules_html}
 <h2>Metrics over time</h2>{metrics_html}
 <h2>Tensors (smdebug)</h2>{debug_html}
@@ -291,7 +337,7 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:2px 6px}}<
 """
     args.out.write_text(page)
     print(f"training job {args.job}: {status}")
-    for line in rule_lines + metric_lines + debug_lines:
+    for line in report_lines + rule_lines + metric_lines + debug_lines:
         print(line)
     print(f"report -> {args.out}")
     return 0

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
+import tarfile
 
 from launch.report import DebugAnalysis, findings
 from tests.conftest import Job
@@ -37,21 +39,37 @@ def test_report_reads_real_tensors_into_one_html_page(launch: Launch, job: Job) 
     run = job.run()
     assert run.returncode == 0, run.stderr
     name = _train_job(launch)
+    # What SageMaker would upload at the job's end: /opt/ml/output/data as output.tar.gz.
+    with tarfile.open(job.base / "output.tar.gz", "w:gz") as tar:
+        tar.add(job.opt_ml.output_data_dir, arcname=".")
+    output = launch.client("sagemaker").describe_training_job(TrainingJobName=name)
+    bucket, _, prefix = output["OutputDataConfig"]["S3OutputPath"][5:].partition("/")
+    key = f"{prefix.rstrip('/')}/{name}/output/output.tar.gz"
+    launch.client("s3").upload_file(str(job.base / "output.tar.gz"), bucket, key)
 
     done = launch.ok("report", name, "--debug-path", str(tensors), "--out", "page.html")
     lines = done.stdout.splitlines()
     assert lines[0] == f"training job {name}: Completed"
-    assert lines[1] == (
+    assert lines[1] == f"job reports -> page-{name}/"
+    evaluation = json.loads((job.opt_ml.output_data_dir / "evaluation.json").read_text())
+    accuracy = evaluation["splits"]["test"]["accuracy"]
+    assert f"test: accuracy {accuracy:.4f}" in lines
+    assert (
         "no rule evaluation statuses reported yet (configured: LossNotDecreasing, "
         "VanishingGradient, Overfit, Overtraining, PoorWeightInitialization)"
-    )
-    assert lines[2].startswith("metrics over time unavailable: ")  # moto's CloudWatch is empty
-    debugger = re.fullmatch(r"debugger: 2 loss curves, (\d+) layers with gradients", lines[3])
-    assert debugger, lines[3]
+    ) in lines
+    assert any(x.startswith("metrics over time unavailable: ") for x in lines)  # moto: none
+    (debugger,) = [
+        m for x in lines if (m := re.fullmatch(r"debugger: 2 loss curves, (\d+) layers.*", x))
+    ]
     assert int(debugger[1]) >= 1  # the new head at least (the backbone may be frozen)
     assert lines[-1] == "report -> page.html"
+    reports = launch.cwd / f"page-{name}"
+    for report in ("evaluation.html", "evaluation.json", "profile.html", "profile.json"):
+        assert (reports / report).read_bytes() == (job.opt_ml.output_data_dir / report).read_bytes()
 
     page = (launch.cwd / "page.html").read_text()
+    assert f'<a href="page-{name}/profile.html">profile.html</a>' in page
     assert page.count('src="data:image/png;base64,') == 2  # losses per mode, gradient norms
     assert "<td>CrossEntropyLoss_output_0 (TRAIN)</td><td>16</td>" in page  # 8 steps x 2 epochs
     assert "<td>CrossEntropyLoss_output_0 (EVAL)</td>" in page
@@ -74,6 +92,7 @@ def test_report_without_reachable_debug_output_says_why(launch: Launch) -> None:
     assert "no Debugger rules configured for this job" in done.stdout
     assert "no Debugger output: the job has no DebugHookConfig" in done.stdout
     assert (launch.cwd / "plain.html").read_text().startswith("<!doctype html>")
+    assert f"the job's own reports: no s3://{BUCKET}/" in done.stdout
 
 
 def test_report_of_an_unknown_job_is_one_line(launch: Launch) -> None:
