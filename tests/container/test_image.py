@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -100,6 +101,18 @@ def test_serve_answers_jpegs_and_stops_cleanly(image: str, trained: tuple[Job, s
             )
             assert response.status_code == 200, response.text
             assert len(response.json()["predictions"]) == 4
+        # The host-side CLI against the container, as a user checks a local image.
+        folder = job.opt_ml.channel_dir("test")
+        invoked = subprocess.run(
+            [sys.executable, "-m", "launch", "invoke", str(folder), "--url", url, "--top-k", "2"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert invoked.returncode == 0, invoked.stderr
+        images = [p for p in folder.rglob("*") if p.suffix in (".jpg", ".jpeg", ".png")]
+        assert invoked.stdout.count("  rank  label") == len(images)
         started = time.monotonic()
         docker("stop", "--time", "30", name)
         assert time.monotonic() - started < 30
