@@ -147,6 +147,23 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("dataset"), SampleSpec())
 
 
+MODEL = {**FAST, "epochs": 5, "image_size": 128, "lr": 0.02, "warmup_epochs": 0.5}
+"""128 px: a 4x4 Grad-CAM map; 5 epochs: a model that tells the sample classes apart."""
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory, dataset: Path) -> OptMl:
+    """An /opt/ml tree whose model/ the real training job wrote (test/ held out); one for the
+    server tests, launch's and the image's."""
+    job = Job(OptMl(tmp_path_factory.mktemp("trained")))
+    shutil.copytree(dataset, job.opt_ml.data_dir)
+    job.set_channels("train", "valid", "test")
+    job.set_hyperparameters(MODEL)
+    run = job.run()
+    assert run.returncode == 0, run.stderr
+    return job.opt_ml
+
+
 @pytest.fixture
 def job(tmp_path: Path, dataset: Path) -> Job:
     """A training job on a private copy of the dataset with train/valid/test channels."""

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from tests.conftest import ROOT
-from tests.serving.conftest import server, trained  # noqa: F401 (a served model, shared)
+from tests.serving.conftest import server  # noqa: F401 (a served model, shared)
 
 ROLE = "arn:aws:iam::123456789012:role/SageMakerRole"
 IMAGE_URI = "123456789012.dkr.ecr.us-east-1.amazonaws.com/sagemaker-dog-classifier:test"

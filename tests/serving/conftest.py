@@ -1,10 +1,9 @@
-"""A model trained once by the real `train`, and the real `serve` process on free ports."""
+"""The real `serve` process on free ports, serving the model `trained` (tests/conftest.py)."""
 
 from __future__ import annotations
 
 import io
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,23 +18,9 @@ import pytest
 from PIL import Image
 
 from container.sagemaker_env import OptMl
-from tests.conftest import FAST, ROOT, Job, _free_port
+from tests.conftest import ROOT, _free_port
 
 SERVE = ROOT / "serve"
-MODEL = {**FAST, "epochs": 5, "image_size": 128, "lr": 0.02, "warmup_epochs": 0.5}
-"""128 px: a 4x4 Grad-CAM map; 5 epochs: a model that tells the sample classes apart."""
-
-
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory: pytest.TempPathFactory, dataset: Path) -> OptMl:
-    """An /opt/ml tree whose model/ the real training job wrote (test/ held out)."""
-    job = Job(OptMl(tmp_path_factory.mktemp("trained")))
-    shutil.copytree(dataset, job.opt_ml.data_dir)
-    job.set_channels("train", "valid", "test")
-    job.set_hyperparameters(MODEL)
-    run = job.run()
-    assert run.returncode == 0, run.stderr
-    return job.opt_ml
 
 
 @dataclass
