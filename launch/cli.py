@@ -90,6 +90,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("launch", "sagemaker"):
         logging.getLogger(name).setLevel(logging.INFO)
     logging.getLogger("sagemaker.config").setLevel(logging.WARNING)
+    # Local mode logs a line per request and its compose file, and urllib3 each refused /ping
+    # while the container starts; the container's own log, which local mode streams, says more.
+    for name in ("sagemaker.local", "urllib3.connectionpool"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    # A telemetry ping that fails (offline, as local mode may be) is no traceback for the user.
+    logging.getLogger("sagemaker.telemetry.telemetry_logging").addFilter(
+        lambda record: record.exc_info is None
+    )
     config_flag = argparse.ArgumentParser(add_help=False)
     config_flag.add_argument("--config", type=Path)
     try:

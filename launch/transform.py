@@ -5,12 +5,20 @@ the container's /execution-parameters also says); SageMaker writes `<input key>.
 output path. The outputs are fetched to a local folder, and when the inputs sit in class folders
 (`.../001.Affenpinscher/x.jpg`, as `upload-data` lays out the test channel) each top-1 label is
 compared with its folder's class, named as `train` names it (container.class_names).
+
+With `--instance-type local` the same job runs in the local docker engine through the SDK's local
+mode, on a local folder and a local model.tar.gz (or model folder). Local mode sends only the files
+directly in its input folder, so the inputs, class folders and all, are staged as one flat folder of
+links and their outputs put back under the same relative paths. Unlike SageMaker, local mode writes
+an error response into the `.out` file and goes on; such outputs are counted as not predictions.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import tempfile
 from collections import Counter
 from contextlib import suppress
 from dataclasses import dataclass
@@ -21,17 +29,22 @@ from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config
 from sagemaker.exceptions import UnexpectedStatusException
 from sagemaker.model import Model
+from sagemaker.session import Session
 from sagemaker.transformer import Transformer
 from tqdm import tqdm  # type: ignore[import-untyped]
 
 from container.class_names import class_name
+from launch import local_mode
 from launch.aws import Aws, console_url, job_name
 from launch.errors import LaunchError
 from launch.settings import Common
 
 __all__ = ["HELP", "Outcome", "add_arguments", "run", "score"]
 
-HELP = "batch transform an S3 prefix of images, fetch the .out files and report the accuracy"
+HELP = (
+    "batch transform an S3 prefix of images (or, with --instance-type local, a local folder in the "
+    "local docker engine), fetch the .out files and report the accuracy"
+)
 
 CONTENT_TYPE = "image/jpeg"
 ACCEPT = "application/json"
@@ -48,16 +61,32 @@ class Outcome:
     predicted: str | None
 
 
+@dataclass(frozen=True)
+class Results:
+    """An ended job: its inputs (paths below its input prefix or folder) and, in `folder`, the
+    `.out` file of each of `outputs` at the same path plus `.out`."""
+
+    name: str
+    status: str
+    reason: str
+    source: str
+    inputs: list[str]
+    outputs: list[str]
+    folder: Path
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--input",
         help="S3 prefix of the images (default: the test channel upload-data wrote, "
-        "s3://BUCKET/PREFIX/data/test/)",
+        "s3://BUCKET/PREFIX/data/test/); with --instance-type local, a local folder",
     )
     model = parser.add_mutually_exclusive_group()
     model.add_argument("--model", help="a SageMaker model's name (launch deploy creates one)")
     model.add_argument(
-        "--model-data", help="s3://.../model.tar.gz: create a model of it with the image and role"
+        "--model-data",
+        help="s3://.../model.tar.gz: create a model of it with the image and role; with "
+        "--instance-type local, a local model.tar.gz or model folder",
     )
     model.add_argument(
         "--fetch-only",
@@ -67,7 +96,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--output", help="S3 output path (default: s3://BUCKET/PREFIX/transform/JOB)"
     )
-    parser.add_argument("--instance-type", default="ml.m5.xlarge", help="default: %(default)s")
+    parser.add_argument(
+        "--instance-type",
+        default="ml.m5.xlarge",
+        help="default: %(default)s; local or local_gpu runs the job in the local docker engine "
+        "(the SDK's local mode: --image-uri a local image, no AWS account needed)",
+    )
     parser.add_argument("--instance-count", type=int, default=1, help="default: %(default)s")
     parser.add_argument(
         "--max-concurrent-transforms",
@@ -127,45 +161,39 @@ def _ami_version(aws: Aws, version: str) -> None:
     client.meta.events.register("provide-client-params.sagemaker.CreateTransformJob", add)
 
 
-def _start(args: argparse.Namespace, common: Common, aws: Aws) -> str:
-    """Create the transform job (and the model, with --model-data); its name."""
-    name = job_name(common.prefix, "transform")
-    concurrent = args.max_concurrent_transforms
-    if concurrent is not None and not 1 <= concurrent * MAX_PAYLOAD_MB <= 100:
-        raise LaunchError(
-            f"--max-concurrent-transforms {concurrent}: SageMaker wants it times MaxPayloadInMB "
-            f"({MAX_PAYLOAD_MB}) within 100, so 1 to {100 // MAX_PAYLOAD_MB}"
-        )
-    if args.model_data:
-        model = Model(
-            image_uri=common.need("image_uri"),
-            model_data=args.model_data,
-            role=common.need("role"),
-            name=job_name(common.prefix, "model"),
-            sagemaker_session=aws.sagemaker,
-        )
-        model.create(instance_type=args.instance_type)
-        model_name = str(model.name)
-        print(f"model {model_name} created from {args.model_data}")
-    elif args.model:
-        model_name = args.model
-    else:
-        raise LaunchError("no model: pass --model NAME (launch deploy's) or --model-data s3://...")
-    if args.transform_ami_version:
-        _ami_version(aws, args.transform_ami_version)
+def _create_model(
+    args: argparse.Namespace, common: Common, session: Session, model_data: str, role: str
+) -> str:
+    """A SageMaker model of the image and `model_data`; its name."""
+    model = Model(
+        image_uri=common.need("image_uri"),
+        model_data=model_data,
+        role=role,
+        name=job_name(common.prefix, "model"),
+        sagemaker_session=session,
+    )
+    model.create(instance_type=args.instance_type)
+    print(f"model {model.name} created from {args.model_data}")
+    return str(model.name)
+
+
+def _transform(
+    args: argparse.Namespace, session: Session, model_name: str, source: str, output: str, name: str
+) -> Transformer:
+    """Start the job: one image per request, JSON back."""
     transformer = Transformer(
         model_name=model_name,
         instance_count=args.instance_count,
         instance_type=args.instance_type,
         strategy="SingleRecord",
-        output_path=args.output or aws.s3_uri("transform", name),
+        output_path=output,
         accept=ACCEPT,
         max_concurrent_transforms=args.max_concurrent_transforms,
         max_payload=MAX_PAYLOAD_MB,
-        sagemaker_session=aws.sagemaker,
+        sagemaker_session=session,
     )
     transformer.transform(
-        args.input or aws.s3_uri("data", "test") + "/",
+        source,
         data_type="S3Prefix",
         content_type=CONTENT_TYPE,
         split_type=None,
@@ -177,6 +205,30 @@ def _start(args: argparse.Namespace, common: Common, aws: Aws) -> str:
         wait=False,
         logs=False,
     )
+    return transformer
+
+
+def _start(args: argparse.Namespace, common: Common, aws: Aws) -> str:
+    """Create the transform job on SageMaker (and the model, with --model-data); its name."""
+    name = job_name(common.prefix, "transform")
+    concurrent = args.max_concurrent_transforms
+    if concurrent is not None and not 1 <= concurrent * MAX_PAYLOAD_MB <= 100:
+        raise LaunchError(
+            f"--max-concurrent-transforms {concurrent}: SageMaker wants it times MaxPayloadInMB "
+            f"({MAX_PAYLOAD_MB}) within 100, so 1 to {100 // MAX_PAYLOAD_MB}"
+        )
+    if args.model_data:
+        role = common.need("role")
+        model_name = _create_model(args, common, aws.sagemaker, args.model_data, role)
+    elif args.model:
+        model_name = args.model
+    else:
+        raise LaunchError("no model: pass --model NAME (launch deploy's) or --model-data s3://...")
+    if args.transform_ami_version:
+        _ami_version(aws, args.transform_ami_version)
+    source = args.input or aws.s3_uri("data", "test") + "/"
+    output = args.output or aws.s3_uri("transform", name)
+    transformer = _transform(args, aws.sagemaker, model_name, source, output, name)
     print(f"transform job {name} started: {console_url(aws.region, 'transform-jobs', name)}")
     if args.wait:
         # Logs off: following them polls CloudWatch, which adds nothing to the job's own status.
@@ -184,6 +236,64 @@ def _start(args: argparse.Namespace, common: Common, aws: Aws) -> str:
         with suppress(UnexpectedStatusException):
             transformer.wait(logs=False)
     return name
+
+
+def _local_path(value: str | None, flag: str) -> Path:
+    if not value:
+        raise LaunchError(f"--instance-type local needs {flag} with a local path")
+    path = Path(value.removeprefix("file://")).expanduser()
+    if not path.exists():
+        raise LaunchError(f"{flag} {value}: there is no such file or folder")
+    return path.resolve()
+
+
+def _run_locally(args: argparse.Namespace, common: Common) -> Results:
+    """The job in the local docker engine, through the SDK's local mode; its outputs in place."""
+    if args.model or args.fetch_only:
+        raise LaunchError(
+            "--instance-type local runs a local model: pass --model-data PATH "
+            "(a model.tar.gz or model folder), not --model or --fetch-only"
+        )
+    if not args.wait:
+        raise LaunchError("--instance-type local runs the job in this process: drop --no-wait")
+    model_data = _local_path(args.model_data, "--model-data")
+    source = _local_path(args.input, "--input")
+    if not source.is_dir():
+        raise LaunchError(f"--input {args.input} is not a folder")
+    inputs = sorted(p.relative_to(source).as_posix() for p in source.rglob("*") if p.is_file())
+    if not inputs:
+        raise LaunchError(f"--input {args.input} holds no files")
+    name = job_name(common.prefix, "transform")
+    folder = args.download or Path("transform-output") / name
+    image = common.need("image_uri")
+    with (
+        local_mode.session(image, common.region) as session,
+        tempfile.TemporaryDirectory(prefix="launch-transform-") as tmp,
+    ):
+        staged, output = Path(tmp, "in"), Path(tmp, "out")
+        staged.mkdir()
+        for index, relative in enumerate(inputs):
+            (staged / f"{index:06d}").symlink_to(source / relative)
+        role = common.role or local_mode.ROLE
+        model_name = _create_model(args, common, session, f"file://{model_data}", role)
+        print(f"transform job {name}: {len(inputs)} files from {source} in the local engine")
+        try:
+            _transform(args, session, model_name, f"file://{staged}", f"file://{output}", name)
+        except RuntimeError as exc:  # the SDK's local mode gave up waiting for a 200 /ping
+            raise LaunchError(
+                f"local transform job {name}: the container never became healthy ({exc}); "
+                "its log above says why"
+            ) from exc
+        outputs = []
+        for index, relative in enumerate(inputs):
+            done = output / f"{index:06d}.out"
+            if done.is_file():
+                target = folder / f"{relative}.out"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(done, target)
+                outputs.append(relative)
+        job = session.sagemaker_client.describe_transform_job(name)
+    return Results(name, job["TransformJobStatus"], "", str(source), inputs, outputs, folder)
 
 
 def _top1(body: bytes) -> str | None:
@@ -218,6 +328,24 @@ def _fetch(aws: Aws, outputs: dict[str, str], bucket: str, folder: Path) -> None
             bar.update()
 
 
+def _collect(aws: Aws, name: str, download: Path | None) -> Results:
+    """A SageMaker job's inputs and outputs, the outputs fetched from S3."""
+    job = aws.sagemaker.sagemaker_client.describe_transform_job(TransformJobName=name)
+    status = job["TransformJobStatus"]
+    if status in ("InProgress", "Stopping"):
+        raise LaunchError(f"transform job {name} is {status}: run again with --fetch-only {name}")
+    input_uri = job["TransformInput"]["DataSource"]["S3DataSource"]["S3Uri"]
+    output_uri = job["TransformOutput"]["S3OutputPath"]
+    inputs = _list(aws, input_uri)
+    outputs = {k.removesuffix(".out"): v for k, v in _list(aws, output_uri).items()}
+    outputs = {k: v for k, v in outputs.items() if k}
+    folder = download or Path("transform-output") / name
+    if outputs:
+        _fetch(aws, {k + ".out": v for k, v in outputs.items()}, _split(output_uri)[0], folder)
+    reason = str(job.get("FailureReason", ""))
+    return Results(name, status, reason, input_uri, sorted(inputs), sorted(outputs), folder)
+
+
 def score(outcomes: list[Outcome]) -> str:
     """Accuracy per class and overall, as a table; '' when no input had a class folder."""
     known = [o for o in outcomes if o.truth is not None]
@@ -235,28 +363,17 @@ def score(outcomes: list[Outcome]) -> str:
     return "\n".join(lines)
 
 
-def _report(aws: Aws, name: str, download: Path | None) -> int:
-    job = aws.sagemaker.sagemaker_client.describe_transform_job(TransformJobName=name)
-    status = job["TransformJobStatus"]
-    if status in ("InProgress", "Stopping"):
-        raise LaunchError(f"transform job {name} is {status}: run again with --fetch-only {name}")
-    print(f"transform job {name}: {status} {job.get('FailureReason', '')}".rstrip())
-    input_uri = job["TransformInput"]["DataSource"]["S3DataSource"]["S3Uri"]
-    output_uri = job["TransformOutput"]["S3OutputPath"]
-    inputs = _list(aws, input_uri)
-    outputs = {k.removesuffix(".out"): v for k, v in _list(aws, output_uri).items()}
-    outputs = {k: v for k, v in outputs.items() if k}
-    folder = download or Path("transform-output") / name
-    if outputs:
-        _fetch(aws, {k + ".out": v for k, v in outputs.items()}, _split(output_uri)[0], folder)
+def _report(results: Results) -> int:
+    print(f"transform job {results.name}: {results.status} {results.reason}".rstrip())
+    folder, outputs, inputs = results.folder, results.outputs, results.inputs
+    print(f"{len(outputs)} outputs in {folder}/ ({len(inputs)} inputs in {results.source})")
     missing = sorted(set(inputs) - set(outputs))
-    print(f"{len(outputs)} outputs in {folder}/ ({len(inputs)} inputs in {input_uri})")
     if missing:
         shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
         print(f"{len(missing)} inputs have no output (failed or not sent): {shown}")
     outcomes = [
-        Outcome(relative, _truth(relative), _top1((folder / (relative + ".out")).read_bytes()))
-        for relative in sorted(outputs)
+        Outcome(relative, _truth(relative), _top1((folder / f"{relative}.out").read_bytes()))
+        for relative in outputs
     ]
     unreadable = [o.relative for o in outcomes if o.predicted is None]
     if unreadable:
@@ -264,15 +381,17 @@ def _report(aws: Aws, name: str, download: Path | None) -> int:
     if outcomes:
         table = score(outcomes)
         print(table or "the inputs are not in class folders (NNN.Class_Name/): no accuracy")
-    return 0 if status == "Completed" else 1
+    return 0 if results.status == "Completed" else 1
 
 
 def run(args: argparse.Namespace, common: Common) -> int:
+    if local_mode.is_local(args.instance_type):
+        return _report(_run_locally(args, common))
     aws = Aws.connect(common)
     if args.fetch_only:
-        return _report(aws, args.fetch_only, args.download)
+        return _report(_collect(aws, args.fetch_only, args.download))
     name = _start(args, common, aws)
     if not args.wait:
         print(f"not waiting: launch transform --fetch-only {name} fetches and scores it later")
         return 0
-    return _report(aws, name, args.download)
+    return _report(_collect(aws, name, args.download))
