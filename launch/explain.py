@@ -14,6 +14,8 @@ import base64
 import html
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,17 +158,23 @@ def _from_url(url: str, images: list[Path], top_k: int) -> list[Explained]:
     return done
 
 
-def _from_endpoint(aws: Aws, endpoint: str, images: list[Path], top_k: int) -> list[Explained]:
+@contextmanager
+def _named(kind: str, name: str, region: str) -> Iterator[None]:
+    """Around a describe_* of what the user named: its ValidationException means it is missing."""
     try:
-        status = aws.boto.client("sagemaker").describe_endpoint(EndpointName=endpoint)[
-            "EndpointStatus"
-        ]
+        yield
     except ClientError as exc:
         if exc.response.get("Error", {}).get("Code") == "ValidationException":
             raise LaunchError(
-                f"no endpoint {endpoint!r} in {aws.region}: launch deploy prints its name"
+                f"no {kind} {name!r} in {region}: launch deploy prints its name"
             ) from exc
         raise
+
+
+def _from_endpoint(aws: Aws, endpoint: str, images: list[Path], top_k: int) -> list[Explained]:
+    with _named("endpoint", endpoint, aws.region):
+        described = aws.boto.client("sagemaker").describe_endpoint(EndpointName=endpoint)
+    status = described["EndpointStatus"]
     if status != "InService":
         raise LaunchError(f"endpoint {endpoint} is {status}, not InService: wait, or redeploy")
     runtime = aws.boto.client("sagemaker-runtime")
@@ -218,14 +226,8 @@ def gallery(explained: list[Explained], title: str) -> str:
 def _clarify(args: argparse.Namespace, common: Common) -> int:
     role = common.need("role")
     aws = Aws.connect(common)
-    try:  # Clarify would only find out inside the job, minutes later
+    with _named("model", args.clarify, aws.region):  # Clarify would find out minutes later
         aws.boto.client("sagemaker").describe_model(ModelName=args.clarify)
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") == "ValidationException":
-            raise LaunchError(
-                f"no model {args.clarify!r} in {aws.region}: launch deploy prints its name"
-            ) from exc
-        raise
     name = job_name(common.prefix, "clarify")
     if args.images.startswith("s3://"):
         data = args.images
