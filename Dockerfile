@@ -9,6 +9,9 @@
 #                    CUDA 13 (driver 580+). torch 2.14 is the last release with CUDA 12.6 wheels
 #                    (pytorch/pytorch#190385): a later torch needs cuda-compat for 535 hosts.
 #                    https://download.pytorch.org/whl/cpu for a slim CPU image; empty for PyPI's.
+#   TORCH_CUDA       the CUDA version of that torch build ("12.6"; "13.0" for PyPI's; "cpu"), checked
+#                    against the installed torch and written to the image label
+#                    sagemaker-dog-classifier.cuda, from which `launch` picks the hosts' GPU driver.
 #   BAKE_WEIGHTS     1: download torchvision's ImageNet ResNet18 weights into the image, so that
 #                    `pretrained=true` works under network isolation; 0: leave them out.
 ARG BASE_IMAGE=debian:bookworm-slim
@@ -20,12 +23,14 @@ RUN apt-get update \
 
 # The dependency list of pyproject.toml alone, so that editing the project's code or its tool
 # settings does not reinstall torch: the next stage's COPY of this file is a cache hit unless the
-# dependencies themselves changed.
+# dependencies themselves changed. The extras' references to the project itself (its `torch`
+# extra) are listed out, since the project is not installed as a package.
 FROM runtime AS requirements
 COPY pyproject.toml /src/
 RUN python3 -c 'import tomllib; p = tomllib.load(open("/src/pyproject.toml", "rb"))["project"]; \
 extras = p["optional-dependencies"]; \
-print("\n".join(p["dependencies"] + extras["train"] + extras["serve"]))' > /requirements.txt
+wanted = p["dependencies"] + extras["torch"] + extras["train"] + extras["serve"]; \
+print("\n".join(r for r in wanted if not r.startswith(p["name"] + "[")))' > /requirements.txt
 
 FROM runtime AS build
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
@@ -42,6 +47,10 @@ COPY constraints.txt /src/
 COPY --from=requirements /requirements.txt /src/
 RUN /opt/venv/bin/pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
         -c /src/constraints.txt -r /src/requirements.txt
+ARG TORCH_CUDA=12.6
+RUN /opt/venv/bin/python -c 'import sys, torch; built = torch.version.cuda or "cpu"; \
+sys.exit(0 if built == sys.argv[1] else f"torch is built for CUDA {built}, not {sys.argv[1]}: \
+build with --build-arg TORCH_CUDA={built}")' "$TORCH_CUDA"
 RUN mkdir -p /opt/torch && if [ "$BAKE_WEIGHTS" = 1 ]; then \
         TORCH_HOME=/opt/torch /opt/venv/bin/python -c \
         "import torchvision; torchvision.models.resnet18(weights='IMAGENET1K_V1')" \
@@ -50,6 +59,7 @@ RUN mkdir -p /opt/torch && if [ "$BAKE_WEIGHTS" = 1 ]; then \
 
 # The project's code goes in last and on its own, so a code change rebuilds only these layers.
 FROM runtime
+ARG TORCH_CUDA=12.6
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/torch /opt/torch
 COPY container /opt/program/container
@@ -59,6 +69,9 @@ ENV PATH=/opt/program:/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     TORCH_HOME=/opt/torch
-LABEL com.amazonaws.sagemaker.capabilities.accept-bind-to-port=true
+LABEL com.amazonaws.sagemaker.capabilities.accept-bind-to-port=true \
+      sagemaker-dog-classifier.cuda=${TORCH_CUDA}
 WORKDIR /opt/program
 EXPOSE 8080
+# SageMaker runs `IMAGE train` or `IMAGE serve`; a bare `docker run -p 8080:8080 IMAGE` serves.
+CMD ["serve"]

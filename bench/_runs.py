@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 import torch
 
+from container.sagemaker_env import encode_hyperparameters
+
 __all__ = ["REPO", "Configuration", "LoopResult", "host_cores", "run_ours", "run_reference"]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,11 +111,6 @@ def host_cores() -> float:
     return one / two
 
 
-def _encode(value: object) -> str:
-    # SageMaker hands every hyperparameter over as a string; the job JSON-decodes it.
-    return value if isinstance(value, str) else json.dumps(value)
-
-
 def _run(command: list[str], log: Path, env: Mapping[str, str] | None = None) -> float:
     """Run `command` from the repository root, output to `log`; the seconds it took."""
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -137,7 +134,7 @@ def _opt_ml(base: Path, data: Path, hyperparameters: Mapping[str, object]) -> Pa
     config.mkdir(parents=True)
     channels = {name: {"TrainingInputMode": "File"} for name in ("train", "valid")}
     (config / "inputdataconfig.json").write_text(json.dumps(channels, indent=1))
-    values = {key: _encode(value) for key, value in hyperparameters.items()}
+    values = encode_hyperparameters(hyperparameters)
     (config / "hyperparameters.json").write_text(json.dumps(values, indent=1))
     return base
 
@@ -179,7 +176,8 @@ def run_reference(
     result = work / "result.json"
     command = [sys.executable, "-m", "bench.reference_train", str(data), "--output", str(result)]
     command += ["--workers", str(workers)]
-    command += [f"--hp={k}={_encode(v)}" for k, v in config.job_hyperparameters.items()]
+    hyperparameters = encode_hyperparameters(config.job_hyperparameters)
+    command += [f"--hp={k}={v}" for k, v in hyperparameters.items()]
     if config.linear_probe:
         command.append("--linear-probe")
     cores = host_cores()

@@ -156,6 +156,7 @@ def _image_id(settings: BenchSettings) -> str:
         "build",
         "--build-arg", f"BASE_IMAGE={settings.base_image}",
         "--build-arg", "TORCH_INDEX_URL=",
+        "--build-arg", "TORCH_CUDA=13.0",  # PyPI's torch
         "--build-arg", "BAKE_WEIGHTS=0",
         "--tag", settings.image,
         str(REPO),

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from container.archives import is_archive
 from container.model import META_FILE
+from container.sagemaker_env import encode_hyperparameters
 from container.sample_data import SampleSpec, make_dataset
 
 __all__ = ["DEMO_HYPERPARAMETERS", "DOG_HYPERPARAMETERS", "main", "prepare"]
@@ -85,8 +86,7 @@ def prepare(opt_ml: Path, source: Path | None, overrides: Mapping[str, object]) 
     if "train" not in channels:
         raise SystemExit(f"{data} has no train/ folder: put the dataset's train/ valid/ there")
     defaults = DEMO_HYPERPARAMETERS if (data / _SAMPLE_MARK).exists() else DOG_HYPERPARAMETERS
-    values = {key: str(value) for key, value in {**defaults, **overrides}.items()}
-    _write_config(opt_ml, "hyperparameters.json", values)
+    _write_config(opt_ml, "hyperparameters.json", encode_hyperparameters({**defaults, **overrides}))
     _write_config(
         opt_ml, "inputdataconfig.json", {c: {"TrainingInputMode": "File"} for c in channels}
     )

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from container.sagemaker_env import encode_hyperparameters
+
 __all__ = ["BREEDS", "SampleSpec", "class_folders", "make_dataset", "make_opt_ml"]
 
 BREEDS = (
@@ -149,7 +151,7 @@ def make_opt_ml(
     config.mkdir(parents=True, exist_ok=True)
     channels = {name: {"TrainingInputMode": "File"} for name in ("train", "valid", "test")}
     (config / "inputdataconfig.json").write_text(json.dumps(channels, indent=1))
-    values = {key: str(value) for key, value in (hyperparameters or {}).items()}
+    values = encode_hyperparameters(hyperparameters or {})
     (config / "hyperparameters.json").write_text(json.dumps(values, indent=1))
     return base
 

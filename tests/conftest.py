@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from container.sagemaker_env import OptMl
+from container.sagemaker_env import OptMl, encode_hyperparameters
 from container.sample_data import SampleSpec, make_dataset
 from container.training.metrics import METRIC_DEFINITIONS
 
@@ -78,7 +78,7 @@ class Job:
     def set_hyperparameters(self, values: Mapping[str, Any], **changes: Any) -> None:
         """Written as SageMaker writes them: every value a string."""
         merged = {**values, **changes}
-        self.write_config("hyperparameters.json", {k: str(v) for k, v in merged.items()})
+        self.write_config("hyperparameters.json", encode_hyperparameters(merged))
 
     def set_channels(self, *names: str, **specs: Mapping[str, str]) -> None:
         config = {name: {"TrainingInputMode": "File"} for name in names}

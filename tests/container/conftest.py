@@ -44,6 +44,7 @@ def image() -> str:
         "build",
         "--build-arg", f"BASE_IMAGE={BASE_IMAGE}",
         "--build-arg", "TORCH_INDEX_URL=",
+        "--build-arg", "TORCH_CUDA=13.0",  # PyPI's torch
         "--build-arg", "BAKE_WEIGHTS=0",
         "--tag", TAG,
         str(ROOT),

@@ -1,4 +1,7 @@
-"""As SageMaker runs the image: `docker run IMAGE train`, `docker run -p PORT:8080 IMAGE serve`."""
+"""As SageMaker and users run the image: `docker run IMAGE train`, `docker run -p 8080:8080 IMAGE`.
+
+SageMaker adds `serve`; the bare command is the image's CMD, the same thing.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +11,12 @@ import sys
 import time
 from pathlib import Path
 
+import boto3
 import httpx
 import pytest
 
+from container.gpu_drivers import IMAGE_CUDA_LABEL
+from launch.image import Label, read_label
 from tests.conftest import ROOT, Job, _free_port
 from tests.container.conftest import Container, docker, training_job
 
@@ -75,13 +81,28 @@ def test_other_commands_pass_through_and_the_image_holds_only_what_runs(image: s
     assert "PYTHONUNBUFFERED=1" in config["Env"]
 
 
-def test_serve_answers_jpegs_and_stops_cleanly(image: str, trained: tuple[Job, str]) -> None:
+def test_the_cuda_label_is_the_torch_inside_and_launch_reads_it(image: str) -> None:
+    labels = json.loads(docker("inspect", "--format", "{{json .Config.Labels}}", image).stdout)
+    inside = docker("run", "--rm", image, "python", "-c", "import torch; print(torch.version.cuda)")
+    assert labels[IMAGE_CUDA_LABEL] == inside.stdout.strip()  # "13.0": PyPI's torch
+    # From the local engine: no AWS call is made (the session has no endpoint or credentials).
+    found = read_label(image, boto3.Session(region_name="us-east-1"))
+    assert found == Label(labels[IMAGE_CUDA_LABEL], "its label in the local docker engine")
+
+
+def test_the_bare_image_serves_jpegs_and_stops_cleanly(
+    image: str, trained: tuple[Job, str]
+) -> None:
+    """`docker run -p PORT:8080 IMAGE`, no command: the image's CMD is `serve` (SageMaker's own
+    `IMAGE serve` runs in the local-mode tests)."""
     job, _ = trained
+    config = json.loads(docker("inspect", "--format", "{{json .Config}}", image).stdout)
+    assert config["Cmd"] == ["serve"]
     port = _free_port()
     name = f"serve-{port}"
     mount = f"{job.base}:/opt/ml"
     docker("run", "--detach", "--name", name, "--volume", mount,
-           "--publish", f"127.0.0.1:{port}:8080", image, "serve")  # fmt: skip
+           "--publish", f"127.0.0.1:{port}:8080", image)  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120

@@ -22,6 +22,7 @@ SCRIPT = ROOT / "push_to_ecr.sh"
 BUILD_ARGS = (
     "--build-arg", f"BASE_IMAGE={BASE_IMAGE}",
     "--build-arg", "TORCH_INDEX_URL=",
+    "--build-arg", "TORCH_CUDA=13.0",  # PyPI's torch
     "--build-arg", "BAKE_WEIGHTS=0",
 )  # fmt: skip
 # SageMaker takes this manifest type only (no OCI manifest, no image index).

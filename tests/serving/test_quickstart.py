@@ -14,7 +14,8 @@ import pytest
 
 from container.model import class_name
 from container.quickstart import DOG_HYPERPARAMETERS, prepare
-from container.sagemaker_env import OptMl
+from container.sagemaker_env import OptMl, encode_hyperparameters, read_hyperparameters
+from container.training.hyperparameters import Hyperparameters
 from tests.conftest import ROOT, _free_port
 from tests.serving.conftest import Server
 
@@ -66,6 +67,16 @@ def test_a_model_archive_is_served_as_it_is(trained: OptMl, tmp_path: Path) -> N
     assert "Training a model" not in server.logs()
 
 
+def test_prepare_keeps_a_null_hyperparameter_null(dataset: Path, tmp_path: Path) -> None:
+    """HYPERPARAMETERS='{"pretrained_weights": null}' (compose) means "no file", not "None"."""
+    opt_ml = OptMl(tmp_path / "opt_ml")
+    shutil.copytree(dataset / "train", opt_ml.channel_dir("train"))
+    prepare(opt_ml.base, None, {"pretrained_weights": None, "pretrained": False})
+    hp = read_hyperparameters(opt_ml, Hyperparameters)
+    assert hp.pretrained_weights is None
+    assert hp.pretrained is False
+
+
 def test_prepare_configures_the_data_already_in_the_tree(dataset: Path, tmp_path: Path) -> None:
     opt_ml = OptMl(tmp_path / "opt_ml")
     shutil.copytree(dataset / "train", opt_ml.channel_dir("train"))
@@ -77,7 +88,7 @@ def test_prepare_configures_the_data_already_in_the_tree(dataset: Path, tmp_path
     }
     written = json.loads(opt_ml.hyperparameters_file.read_text())
     assert written == {
-        **{k: str(v) for k, v in DOG_HYPERPARAMETERS.items()},
+        **encode_hyperparameters(DOG_HYPERPARAMETERS),
         "epochs": "3",
         "lr": "0.003",
     }
