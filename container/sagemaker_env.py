@@ -28,6 +28,7 @@ __all__ = [
     "ResourceConfig",
     "decode_hyperparameter",
     "decode_hyperparameters",
+    "encode_hyperparameters",
     "read_channels",
     "read_checkpoint_dir",
     "read_hyperparameters",
@@ -122,6 +123,12 @@ class OptMl:
         return self.output_dir / "data"
 
     @property
+    def debug_tensors_dir(self) -> Path:
+        """Where the job's own smdebug hook writes (save_tensors, no DebugHookConfig): inside
+        output/data, so the tensors reach S3 in output.tar.gz."""
+        return self.output_data_dir / "debug-tensors"
+
+    @property
     def failure_file(self) -> Path:
         return self.output_dir / "failure"
 
@@ -166,6 +173,17 @@ def _read_json_object(path: Path) -> dict[str, Any]:
 
 
 # --- hyperparameters -------------------------------------------------------------------------
+
+
+def encode_hyperparameters(values: Mapping[str, Any]) -> dict[str, str]:
+    """Hyperparameters as SageMaker hands them over: every value a string, JSON unless a string.
+
+    The SDK v2 does the same for framework estimators (`json.dumps` of non-strings), and
+    `decode_hyperparameter` undoes it, so `None`, booleans, numbers and lists survive the round
+    trip (`str(None)` would come back as the string "None"). Everything that writes
+    hyperparameters.json or sends hyperparameters to a job encodes through here.
+    """
+    return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in values.items()}
 
 
 def decode_hyperparameter(raw: Any) -> Any:
@@ -271,11 +289,14 @@ def read_channels(opt_ml: OptMl) -> dict[str, Channel]:
 
 @dataclass(frozen=True)
 class ResourceConfig:
-    """resourceconfig.json: which host this is among the job's hosts."""
+    """resourceconfig.json: which host this is among the job's hosts, and its instance type."""
 
     current_host: str = "algo-1"
     hosts: tuple[str, ...] = field(default=("algo-1",))
     network_interface_name: str | None = None
+    current_instance_type: str | None = None
+    """This host's type: ml.g4dn.xlarge and the like on SageMaker, local or local_gpu in the
+    SDK's local mode, None when the file does not say (a plain `docker run`)."""
 
     @property
     def host_rank(self) -> int:
@@ -301,7 +322,12 @@ def read_resource_config(opt_ml: OptMl) -> ResourceConfig:
         current_host=current,
         hosts=tuple(str(host) for host in hosts),
         network_interface_name=raw.get("network_interface_name"),
+        current_instance_type=_optional_str(raw.get("current_instance_type")),
     )
+
+
+def _optional_str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 def _local_path(opt_ml: OptMl, path: Path, default: Path) -> Path:

@@ -4,6 +4,9 @@ The SDK v2 `Model(image_uri=...).deploy(...)` creates the model, the endpoint co
 endpoint, all with explicit names and the tags `cleanup` looks for. Autoscaling is Application Auto
 Scaling (the SDK has no wrapper for it): a scalable target on the variant's instance count and a
 target-tracking policy on invocations per instance.
+
+On a GPU instance type the endpoint config names the InferenceAmiVersion whose driver runs the
+image's CUDA, and the model serves with SERVE_DEVICE=cuda (launch.image says why).
 """
 
 from __future__ import annotations
@@ -17,8 +20,18 @@ from botocore.exceptions import ClientError, WaiterError
 from sagemaker.model import Model
 from sagemaker.serverless.serverless_inference_config import ServerlessInferenceConfig
 
+from container.gpu_drivers import CPU
 from launch.aws import Aws, console_url, job_name
 from launch.errors import LaunchError
+from launch.image import (
+    ENDPOINT,
+    SERVE_DEVICE,
+    HostPlan,
+    add_image_cuda_argument,
+    image_cuda,
+    plan_host,
+    read_label,
+)
 from launch.settings import Common
 
 __all__ = [
@@ -41,13 +54,6 @@ PREFIX_TAG = "launch-prefix"
 VARIANT = "AllTraffic"
 SCALABLE_DIMENSION = "sagemaker:variant:DesiredInstanceCount"
 SCALING_METRIC = "SageMakerVariantInvocationsPerInstance"
-AMI_VERSIONS = (
-    "al2-ami-sagemaker-inference-gpu-2",
-    "al2-ami-sagemaker-inference-gpu-2-1",
-    "al2-ami-sagemaker-inference-gpu-3-1",
-    "al2023-ami-sagemaker-inference-gpu-4-1",
-)
-"""ProductionVariant.InferenceAmiVersion values (CONTRACT.md §1.5): drivers 535, 535, 550, 580."""
 
 logger = logging.getLogger(__name__)
 
@@ -71,12 +77,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--inference-ami-version",
-        choices=AMI_VERSIONS,
         metavar="AMI",
         help="the host AMI, which fixes the GPU driver: "
-        + ", ".join(AMI_VERSIONS)
-        + " (drivers 535, 535 without CUDA compat, 550, 580)",
+        + ", ".join(f"{ami.name} (driver {ami.driver})" for ami in ENDPOINT.amis)
+        + " (default on GPU types: the oldest whose driver runs the image's CUDA; none on CPU "
+        "types)",
     )
+    add_image_cuda_argument(parser)
     parser.add_argument(
         "--serverless",
         action="store_true",
@@ -170,6 +177,24 @@ def _check(args: argparse.Namespace) -> None:
         raise LaunchError(f"--model-data {args.model_data!r}: give the s3:// URI of model.tar.gz")
 
 
+def _warn_unless_cpu_build(image: str, aws: Aws, given: str | None) -> None:
+    """Serverless has no GPU and caps images at 10 GB: the CUDA build runs there, slowly and big."""
+    cuda = given or read_label(image, aws.boto).cuda
+    if cuda is None and "cpu" not in image.lower():
+        logger.warning(
+            "serverless has no GPU: deploy the CPU build of the image (TORCH_INDEX_URL=.../cpu); "
+            "%s does not say cpu",
+            image,
+        )
+    elif cuda is not None and cuda != CPU:
+        logger.warning(
+            "serverless has no GPU: deploy the CPU build of the image (TORCH_INDEX_URL=.../cpu); "
+            "%s is built for CUDA %s",
+            image,
+            cuda,
+        )
+
+
 def _register_autoscaling(
     aws: Aws, endpoint: str, limits: tuple[int, int], target: int, prefix: str
 ) -> None:
@@ -237,15 +262,22 @@ def run(args: argparse.Namespace, common: Common) -> int:
     _check(args)
     env = _environment(args.env)
     limits = _autoscale(args.autoscale, args.serverless)
-    if args.serverless and "cpu" not in image.lower():
-        # The CUDA image runs on CPUs too, but serverless caps images at 10 GB and has no GPU.
-        logger.warning(
-            "serverless has no GPU: deploy the CPU build of the image (TORCH_INDEX_URL=.../cpu); "
-            "%s does not say cpu",
-            image,
-        )
     aws = Aws.connect(common)
     _check_artifact(aws, args.model_data)
+    if args.serverless:
+        _warn_unless_cpu_build(image, aws, args.image_cuda)
+        plan = HostPlan(None, serve_on_gpu=False)
+    else:
+        plan = plan_host(
+            args.instance_type,
+            args.inference_ami_version,
+            ENDPOINT,
+            lambda: image_cuda(image, aws.boto, args.image_cuda),
+        )
+    if plan.serve_on_gpu:
+        # A host whose driver cannot run the image then fails its health check instead of
+        # serving on the CPU, slowly, on a GPU bill.
+        env.setdefault(SERVE_DEVICE, "cuda")
     endpoint = args.endpoint_name or job_name(common.prefix, "endpoint")
     model = Model(
         image_uri=image,
@@ -265,7 +297,7 @@ def run(args: argparse.Namespace, common: Common) -> int:
         else {
             "initial_instance_count": args.instance_count,
             "instance_type": args.instance_type,
-            "inference_ami_version": args.inference_ami_version,
+            "inference_ami_version": plan.ami,
         }
     )
     # The SDK's own wait sleeps 30 s before its first look; the waiter looks first.

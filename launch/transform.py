@@ -6,6 +6,10 @@ output path. The outputs are fetched to a local folder, and when the inputs sit 
 (`.../001.Affenpinscher/x.jpg`, as `upload-data` lays out the test channel) each top-1 label is
 compared with its folder's class, named as `train` names it (container.class_names).
 
+On a GPU instance type the job names the TransformAmiVersion whose driver runs the image's CUDA
+(launch.image says why; an image built for CUDA 13 has none, so it is refused), and a model made
+from --model-data serves with SERVE_DEVICE=cuda. A model given by --model keeps its environment.
+
 With `--instance-type local` the same job runs in the local docker engine through the SDK's local
 mode, on a local folder and a local model.tar.gz (or model folder). Local mode sends only the files
 directly in its input folder, so the inputs, class folders and all, are staged as one flat folder of
@@ -37,6 +41,7 @@ from container.class_names import class_name
 from launch import local_mode
 from launch.aws import Aws, console_url, job_name
 from launch.errors import LaunchError
+from launch.image import BATCH, SERVE_DEVICE, add_image_cuda_argument, image_cuda, plan_host
 from launch.settings import Common
 
 __all__ = ["HELP", "Outcome", "add_arguments", "run", "score"]
@@ -111,10 +116,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--transform-ami-version",
-        help="TransformResources.TransformAmiVersion, e.g. al2-ami-sagemaker-batch-gpu-535 for "
-        "a CUDA 12 image on GPU instances (the SDK v2 Transformer has no such argument: added to "
-        "the CreateTransformJob request)",
+        metavar="AMI",
+        help="TransformResources.TransformAmiVersion, which fixes the GPU driver: "
+        + ", ".join(f"{ami.name} (driver {ami.driver})" for ami in BATCH.amis)
+        + " (default on GPU types: the oldest whose driver runs the image's CUDA; none on CPU "
+        "types)",
     )
+    add_image_cuda_argument(parser)
     parser.add_argument(
         "--invocations-timeout", type=int, default=600, help="seconds per image (default: 600)"
     )
@@ -151,8 +159,8 @@ def _list(aws: Aws, uri: str) -> dict[str, str]:
 
 
 def _ami_version(aws: Aws, version: str) -> None:
-    """Put TransformAmiVersion into CreateTransformJob, which the SDK v2 cannot send, through
-    botocore's documented hook for a request's parameters."""
+    """Put TransformAmiVersion into CreateTransformJob, which the SDK v2 Transformer has no
+    argument for, through botocore's documented hook for a request's parameters."""
 
     def add(params: dict[str, Any], **kwargs: Any) -> None:
         params["TransformResources"]["TransformAmiVersion"] = version
@@ -162,13 +170,19 @@ def _ami_version(aws: Aws, version: str) -> None:
 
 
 def _create_model(
-    args: argparse.Namespace, common: Common, session: Session, model_data: str, role: str
+    args: argparse.Namespace,
+    common: Common,
+    session: Session,
+    model_data: str,
+    role: str,
+    env: dict[str, Any] | None = None,
 ) -> str:
     """A SageMaker model of the image and `model_data`; its name."""
     model = Model(
         image_uri=common.need("image_uri"),
         model_data=model_data,
         role=role,
+        env=env,
         name=job_name(common.prefix, "model"),
         sagemaker_session=session,
     )
@@ -208,6 +222,15 @@ def _transform(
     return transformer
 
 
+def _image(args: argparse.Namespace, common: Common, aws: Aws) -> str:
+    """The image the job will run: the settings' for --model-data, the model's own for --model."""
+    if args.model_data:
+        return common.need("image_uri")
+    model = aws.sagemaker.sagemaker_client.describe_model(ModelName=args.model)
+    container = model.get("PrimaryContainer") or model["Containers"][0]
+    return str(container["Image"])
+
+
 def _start(args: argparse.Namespace, common: Common, aws: Aws) -> str:
     """Create the transform job on SageMaker (and the model, with --model-data); its name."""
     name = job_name(common.prefix, "transform")
@@ -217,15 +240,23 @@ def _start(args: argparse.Namespace, common: Common, aws: Aws) -> str:
             f"--max-concurrent-transforms {concurrent}: SageMaker wants it times MaxPayloadInMB "
             f"({MAX_PAYLOAD_MB}) within 100, so 1 to {100 // MAX_PAYLOAD_MB}"
         )
+    if not (args.model_data or args.model):
+        raise LaunchError("no model: pass --model NAME (launch deploy's) or --model-data s3://...")
+    plan = plan_host(
+        args.instance_type,
+        args.transform_ami_version,
+        BATCH,
+        lambda: image_cuda(_image(args, common, aws), aws.boto, args.image_cuda),
+    )
     if args.model_data:
         role = common.need("role")
-        model_name = _create_model(args, common, aws.sagemaker, args.model_data, role)
-    elif args.model:
-        model_name = args.model
+        # A host whose driver cannot run the image then fails the job at once.
+        env = {SERVE_DEVICE: "cuda"} if plan.serve_on_gpu else None
+        model_name = _create_model(args, common, aws.sagemaker, args.model_data, role, env)
     else:
-        raise LaunchError("no model: pass --model NAME (launch deploy's) or --model-data s3://...")
-    if args.transform_ami_version:
-        _ami_version(aws, args.transform_ami_version)
+        model_name = args.model
+    if plan.ami:
+        _ami_version(aws, plan.ami)
     source = args.input or aws.s3_uri("data", "test") + "/"
     output = args.output or aws.s3_uri("transform", name)
     transformer = _transform(args, aws.sagemaker, model_name, source, output, name)

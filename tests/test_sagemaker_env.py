@@ -16,6 +16,7 @@ from container.sagemaker_env import (
     OptMl,
     decode_hyperparameter,
     decode_hyperparameters,
+    encode_hyperparameters,
     read_channels,
     read_checkpoint_dir,
     read_hyperparameters,
@@ -47,6 +48,22 @@ def test_every_sdk_encoding_decodes_to_the_same_values(producer: str) -> None:
     raw = {"lr": lr, "optimizer": optimizer, "freeze": freeze, "milestones": milestones}
     decoded = decode_hyperparameters(raw, Schema)
     assert decoded == Schema(lr=0.001, optimizer="adam", freeze=True, milestones=(1, 2))
+
+
+def test_what_we_encode_decodes_to_what_was_meant() -> None:
+    """quickstart, compose, launch, bench and the tests all write hyperparameters through here."""
+    meant = {
+        "arch": "resnet34",
+        "pretrained_weights": None,  # str(None) would come back as a file named "None"
+        "pretrained": False,
+        "lr": 0.0139003,
+        "epochs": 3,
+    }
+    encoded = encode_hyperparameters(meant)
+    assert all(isinstance(value, str) for value in encoded.values())
+    assert encoded["pretrained_weights"] == "null"
+    decoded = decode_hyperparameters(encoded, Hyperparameters)
+    assert decoded.model_dump(include=set(meant)) == meant
 
 
 @pytest.mark.parametrize(
@@ -202,7 +219,9 @@ def test_resource_config(tmp_path: Path) -> None:
     resources = read_resource_config(opt_ml)
     assert (resources.host_rank, resources.master_host) == (1, "algo-1")
     assert resources.network_interface_name == "eth0"
-    assert read_resource_config(_opt_ml(tmp_path / "local")).hosts == ("algo-1",)
+    assert resources.current_instance_type == "ml.g5.xlarge"
+    local = read_resource_config(_opt_ml(tmp_path / "local"))
+    assert (local.hosts, local.current_instance_type) == (("algo-1",), None)
 
 
 def test_resource_config_current_host_must_be_listed(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from container.devices import CudaUnusableError
 from container.images import ImageDecodeError
 from container.model import ArtifactError
 from container.serving.batcher import Batcher, BatchResult
@@ -59,8 +60,10 @@ _SCRATCH = Path("/tmp/serve-model")  # where a model.tar.gz is unpacked; /opt/ml
 _MAX_NAMED_ERRORS = 5
 
 
-def _default_batch_size() -> int:
-    return 64 if torch.cuda.is_available() else 16
+def _default_batch_size(settings: ServeSettings) -> int:
+    if settings.max_batch_size is not None:
+        return settings.max_batch_size
+    return 64 if settings.device != "cpu" and torch.cuda.is_available() else 16
 
 
 @dataclass
@@ -70,11 +73,10 @@ class ServerState:
     settings: ServeSettings
     predictor: Predictor | None = None
     failure: str | None = None
-    max_batch_size: int = field(default_factory=_default_batch_size)
+    max_batch_size: int = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.settings.max_batch_size is not None:
-            self.max_batch_size = self.settings.max_batch_size
+        self.max_batch_size = _default_batch_size(self.settings)
         # One thread runs every forward pass: batches form while it is busy.
         self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
         self.decoders = ThreadPoolExecutor(
@@ -107,10 +109,18 @@ class ServerState:
                 load_predictor,
                 settings.opt_ml.model_dir,
                 _SCRATCH,
+                settings.device,
                 settings.precision,
                 settings.optimize != "eager",
                 self.max_batch_size,
             )
+        except CudaUnusableError as exc:
+            self.failure = (
+                f"SERVE_DEVICE=cuda, but {exc}. {exc.probe.hosting_advice()}; "
+                "or SERVE_DEVICE=auto to serve on the CPU"
+            )
+            logger.error("Not serving: %s", self.failure)
+            return
         except ArtifactError as exc:
             self.failure = f"the model cannot be loaded: {exc}"
             logger.error("Not serving: %s", self.failure)

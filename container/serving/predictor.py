@@ -22,7 +22,7 @@ from PIL import Image
 from torchvision.models import ResNet
 
 from container.archives import ArchiveError, is_archive, unpack_once
-from container.devices import cpu_has_bf16
+from container.devices import DeviceChoice, cpu_has_bf16, resolve_device
 from container.images import (
     Preprocessing,
     decode,
@@ -183,10 +183,16 @@ def _fast_model(
 
 
 def load_predictor(
-    model_dir: Path, scratch: Path, precision: str, optimize: bool, max_batch_size: int
+    model_dir: Path,
+    scratch: Path,
+    device_choice: DeviceChoice,
+    precision: str,
+    optimize: bool,
+    max_batch_size: int,
 ) -> Predictor:
-    """Find, load, optimise and warm up the model; ArtifactError says what was found instead."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """Choose the device, then find, load, optimise and warm up the model; ArtifactError says
+    what was found instead, CudaUnusableError why SERVE_DEVICE=cuda cannot be honoured."""
+    device = resolve_device(device_choice)
     artifact = load_artifact(find_model_dir(model_dir, scratch), device)
     predictor = Predictor(artifact, device, _dtype(precision, device), optimize)
     predictor.warm_up(sorted({1, max_batch_size}))

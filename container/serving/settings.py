@@ -53,6 +53,11 @@ class ServeSettings(BaseModel):
     max_batch_delay_ms: float = Field(
         0, ge=0, le=1000, description="How long a batch waits to fill once the model is free."
     )
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto",
+        description="auto: the GPU if CUDA can use it, else the CPU (an ERROR line says why when a "
+        "GPU is present); cuda: the GPU, else `/ping` answers 503 for good with the reason; cpu.",
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 on CPUs with native bf16, fp16 on GPUs, else fp32."
     )
@@ -115,6 +120,7 @@ ENVIRONMENT: dict[str, str] = {
     "multi_model": "SAGEMAKER_MULTI_MODEL",
     "max_batch_size": "SERVE_MAX_BATCH_SIZE",
     "max_batch_delay_ms": "SERVE_MAX_BATCH_DELAY_MS",
+    "device": "SERVE_DEVICE",
     "precision": "SERVE_PRECISION",
     "optimize": "SERVE_OPTIMIZE",
     "top_k": "SERVE_TOP_K",
@@ -124,7 +130,14 @@ ENVIRONMENT: dict[str, str] = {
 }
 """Setting -> the environment variable that sets it (SageMaker's names first)."""
 
-_CASE_INSENSITIVE = {"default_accept", "precision", "optimize", "log_level", "batch_transform"}
+_CASE_INSENSITIVE = {
+    "default_accept",
+    "device",
+    "precision",
+    "optimize",
+    "log_level",
+    "batch_transform",
+}
 
 
 def markdown_table() -> str:

@@ -97,9 +97,11 @@ def plan_world(
     resources: ResourceConfig,
     processes_per_host: int | str,
     master_port: int,
+    use_gpus: bool = True,
 ) -> World:
-    """Processes per host (one per GPU unless told) and the master's address."""
-    gpus = torch.cuda.device_count()
+    """Processes per host (one per GPU unless told) and the master's address; `use_gpus=False`
+    (the `device=cpu` hyperparameter) plans for the CPU whatever GPUs the host has."""
+    gpus = torch.cuda.device_count() if use_gpus else 0
     if processes_per_host == "auto":
         per_host = max(1, gpus)
     else:

@@ -11,7 +11,8 @@ from typing import Literal
 
 import torch
 
-from container.devices import cpu_has_bf16
+from container.devices import CudaUnusableError, DeviceChoice, cpu_has_bf16, resolve_device
+from container.training.errors import ResourceError
 
 __all__ = ["Hardware", "plan_hardware"]
 
@@ -99,18 +100,28 @@ def _workers(
 
 def plan_hardware(
     *,
+    device_choice: DeviceChoice,
+    instance_type: str | None,
     local_rank: int,
     local_world_size: int,
     precision: PrecisionMode,
     workers: int | Literal["auto"],
     batch_bytes: int,
 ) -> Hardware:
-    """Pick the device for `local_rank` and split this host's CPUs between its processes."""
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    """Pick the device for `local_rank` and split this host's CPUs between its processes.
+
+    ResourceError when the job must have a GPU (`device=cuda`, or a GPU instance type) that CUDA
+    cannot use: failing at once beats hours of CPU training on a GPU bill.
+    """
+    try:
+        device = resolve_device(device_choice, instance_type=instance_type, index=local_rank)
+    except CudaUnusableError as exc:
+        raise ResourceError(
+            f"{exc}; {exc.probe.needs()}. To train on the CPU anyway (slowly, the GPU still "
+            "billed), set the hyperparameter device=cpu; or use a CPU instance type"
+        ) from exc
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     cpus = max(1, len(os.sched_getaffinity(0)) // local_world_size)
     amp = _amp_dtype(precision, device)
     if amp is not None and device.type == "cpu" and not cpu_has_bf16():

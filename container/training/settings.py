@@ -43,6 +43,8 @@ class TrainSettings:
     hub_dir: Path
     scratch_dir: Path
     job_name: str | None
+    instance_type: str | None
+    """resourceconfig.json's current_instance_type: a GPU type requires a usable GPU."""
 
 
 def read_settings(environ: Mapping[str, str]) -> TrainSettings:
@@ -64,7 +66,7 @@ def read_settings(environ: Mapping[str, str]) -> TrainSettings:
         hp=hp,
         opt_ml=opt_ml,
         channels=channels,
-        world=plan_world(resources, hp.processes_per_host, int(port)),
+        world=plan_world(resources, hp.processes_per_host, int(port), use_gpus=hp.device != "cpu"),
         checkpoint_dir=checkpoint_dir,
         tensorboard_dir=tensorboard_dir,
         debug_config=Path(environ.get("SMDEBUG_CONFIG_FILE_PATH", opt_ml.debughookconfig_file)),
@@ -72,4 +74,5 @@ def read_settings(environ: Mapping[str, str]) -> TrainSettings:
         # Scratch for unpacked archives: /tmp is not synced to S3 (CONTRACT.md §2.1).
         scratch_dir=Path(tempfile.gettempdir()) / "train-scratch" / tree,
         job_name=environ.get("TRAINING_JOB_NAME"),
+        instance_type=resources.current_instance_type,
     )

@@ -78,6 +78,7 @@ def test_deploy_gpu_endpoint_with_autoscaling(launch: Launch) -> None:
     assert container["Environment"] == {
         "SAGEMAKER_MODEL_SERVER_WORKERS": "1",
         "SERVE_MAX_BATCH_SIZE": "16",
+        "SERVE_DEVICE": "cuda",
     }
     for arn in (described["EndpointArn"], config["EndpointConfigArn"], model["ModelArn"]):
         assert _tags(sagemaker, arn) == {"created-by": "launch", "launch-prefix": "dogs"}
@@ -96,6 +97,97 @@ def test_deploy_gpu_endpoint_with_autoscaling(launch: Launch) -> None:
     assert tracking["PredefinedMetricSpecification"] == {
         "PredefinedMetricType": "SageMakerVariantInvocationsPerInstance"
     }
+
+
+def test_a_gpu_type_gets_the_ami_the_image_needs_and_serves_on_cuda(launch: Launch) -> None:
+    artifact(launch)
+    done = launch.ok("deploy", "--model-data", MODEL_DATA, "--endpoint-name", "dogs", "--no-wait")
+
+    # moto's ECR has no such image and this machine's docker engine neither: the default.
+    assert (
+        "cannot read the image's sagemaker-dog-classifier.cuda label (not in the local docker "
+        "engine; ECR: RepositoryNotFoundException: "
+    ) in done.stderr
+    assert "assuming CUDA 12.6, the Dockerfile's default; pass --image-cuda" in done.stderr
+    assert (
+        "ml.g4dn.xlarge (T4) would get driver 470 (CUDA 11.4) by default; this image needs "
+        "CUDA 12.6 -> driver 525+: InferenceAmiVersion=al2-ami-sagemaker-inference-gpu-2 "
+        "(driver 535)\n"
+    ) in done.stdout
+    (request,) = launch.sent("SageMaker.CreateEndpointConfig")
+    (variant,) = request["ProductionVariants"]
+    assert variant["InstanceType"] == "ml.g4dn.xlarge"
+    assert variant["InferenceAmiVersion"] == "al2-ami-sagemaker-inference-gpu-2"
+    (model,) = launch.sent("SageMaker.CreateModel")
+    assert model["PrimaryContainer"]["Environment"] == {"SERVE_DEVICE": "cuda"}
+    sagemaker = launch.client("sagemaker")
+    config = sagemaker.describe_endpoint_config(EndpointConfigName="dogs")
+    assert config["ProductionVariants"][0]["InferenceAmiVersion"] == variant["InferenceAmiVersion"]
+
+
+def test_a_user_serve_device_and_image_cuda_are_kept(launch: Launch) -> None:
+    artifact(launch)
+    done = launch.ok(
+        "deploy",
+        "--model-data",
+        MODEL_DATA,
+        "--instance-type",
+        "ml.p3.2xlarge",
+        "--image-cuda",
+        "13.0",
+        "--env",
+        "SERVE_DEVICE=auto",
+        "--no-wait",
+    )
+    assert "label" not in done.stderr  # --image-cuda: nothing to read
+    assert launch.sent("AmazonEC2ContainerRegistry_V20150921.BatchGetImage") == []
+    assert (
+        "ml.p3.2xlarge (V100) would get driver 470 (CUDA 11.4) by default; this image needs "
+        "CUDA 13.0 -> driver 580+: InferenceAmiVersion=al2023-ami-sagemaker-inference-gpu-4-1 "
+        "(driver 580)"
+    ) in done.stdout
+    (request,) = launch.sent("SageMaker.CreateEndpointConfig")
+    assert request["ProductionVariants"][0]["InferenceAmiVersion"] == (
+        "al2023-ami-sagemaker-inference-gpu-4-1"
+    )
+    (model,) = launch.sent("SageMaker.CreateModel")
+    assert model["PrimaryContainer"]["Environment"] == {"SERVE_DEVICE": "auto"}
+
+
+def test_a_cpu_type_gets_no_ami_and_no_device(launch: Launch) -> None:
+    artifact(launch)
+    done = launch.ok(
+        "deploy", "--model-data", MODEL_DATA, "--instance-type", "ml.c5.xlarge", "--no-wait"
+    )
+    assert "AmiVersion" not in done.stdout
+    assert "label" not in done.stderr
+    assert launch.sent("AmazonEC2ContainerRegistry_V20150921.BatchGetImage") == []
+    (request,) = launch.sent("SageMaker.CreateEndpointConfig")
+    (variant,) = request["ProductionVariants"]
+    assert variant["InstanceType"] == "ml.c5.xlarge"
+    assert "InferenceAmiVersion" not in variant
+    (model,) = launch.sent("SageMaker.CreateModel")
+    assert "SERVE_DEVICE" not in model["PrimaryContainer"].get("Environment", {})
+
+
+def test_an_ami_that_cannot_run_the_image_is_refused(launch: Launch) -> None:
+    artifact(launch)
+    cases = {
+        ("--image-cuda", "13.0", "--inference-ami-version", "al2-ami-sagemaker-inference-gpu-2"): (
+            "launch: --inference-ami-version: al2-ami-sagemaker-inference-gpu-2 has driver 535 "
+            "(CUDA 12.2), which cannot run this image's CUDA 13.0 on ml.g4dn.xlarge: use "
+            "al2023-ami-sagemaker-inference-gpu-4-1 (driver 580)"
+        ),
+        ("--instance-type", "ml.c5.xlarge", "--inference-ami-version", "al2-ami-x"): (
+            "launch: ml.c5.xlarge has no NVIDIA GPU: drop --inference-ami-version al2-ami-x "
+            "(GPU AMIs are for GPU instance types)"
+        ),
+    }
+    for flags, message in cases.items():
+        assert one_line_error(launch("deploy", "--model-data", MODEL_DATA, *flags)) == message
+    sagemaker = launch.client("sagemaker")
+    assert sagemaker.list_models()["Models"] == []
+    assert sagemaker.list_endpoint_configs()["EndpointConfigs"] == []
 
 
 def test_deploy_serverless_without_waiting(launch: Launch) -> None:

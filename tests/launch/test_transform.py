@@ -71,6 +71,77 @@ def test_the_job_is_one_jpeg_per_request(launch: Launch) -> None:
     assert f"launch transform --fetch-only {job['TransformJobName']}" in done.stdout
 
 
+def test_a_gpu_type_gets_the_batch_ami_the_image_needs_and_serves_on_cuda(launch: Launch) -> None:
+    model_data = f"s3://{BUCKET}/dog-classifier/model/model.tar.gz"
+    done = launch.ok(
+        "transform",
+        "--model-data", model_data,
+        "--instance-type", "ml.g4dn.xlarge",
+        "--no-wait",
+        "--bucket", BUCKET,
+    )  # fmt: skip
+    assert "assuming CUDA 12.6, the Dockerfile's default" in done.stderr
+    assert (
+        "ml.g4dn.xlarge (T4) would get driver 470 (CUDA 11.4) by default; this image needs "
+        "CUDA 12.6 -> driver 525+: TransformAmiVersion=al2-ami-sagemaker-batch-gpu-535 "
+        "(driver 535)\n"
+    ) in done.stdout
+    (request,) = launch.sent("SageMaker.CreateTransformJob")
+    assert request["TransformResources"] == {
+        "InstanceType": "ml.g4dn.xlarge",
+        "InstanceCount": 1,
+        "TransformAmiVersion": "al2-ami-sagemaker-batch-gpu-535",
+    }
+    (model,) = launch.sent("SageMaker.CreateModel")
+    assert model["PrimaryContainer"]["Environment"] == {"SERVE_DEVICE": "cuda"}
+    assert model["ModelName"] == request["ModelName"]
+
+
+def test_a_cpu_type_gets_no_ami_and_no_device(launch: Launch) -> None:
+    model_data = f"s3://{BUCKET}/dog-classifier/model/model.tar.gz"
+    done = launch.ok("transform", "--model-data", model_data, "--no-wait", "--bucket", BUCKET)
+    assert "AmiVersion" not in done.stdout
+    assert "label" not in done.stderr
+    (request,) = launch.sent("SageMaker.CreateTransformJob")
+    assert request["TransformResources"] == {"InstanceType": "ml.m5.xlarge", "InstanceCount": 1}
+    (model,) = launch.sent("SageMaker.CreateModel")
+    assert "SERVE_DEVICE" not in model["PrimaryContainer"].get("Environment", {})
+
+
+def test_an_ami_that_cannot_run_the_image_is_refused(launch: Launch) -> None:
+    model_data = f"s3://{BUCKET}/dog-classifier/model/model.tar.gz"
+    gpu = ("--instance-type", "ml.g4dn.xlarge")
+    cases = {
+        (*gpu, "--image-cuda", "13.0"): (
+            "launch: no AMI runs this image's CUDA 13.0 (driver 580+) on ml.g4dn.xlarge (T4): "
+            "SageMaker offers al2-ami-sagemaker-batch-gpu-470 (driver 470), "
+            "al2-ami-sagemaker-batch-gpu-535 (driver 535); use another instance type (a CPU type "
+            "runs any build) or an image built for an older CUDA"
+        ),
+        (
+            *gpu,
+            "--image-cuda",
+            "12.6",
+            "--transform-ami-version",
+            "al2-ami-sagemaker-batch-gpu-470",
+        ): (
+            "launch: --transform-ami-version: al2-ami-sagemaker-batch-gpu-470 has driver 470 "
+            "(CUDA 11.4), which cannot run this image's CUDA 12.6 on ml.g4dn.xlarge: use "
+            "al2-ami-sagemaker-batch-gpu-535 (driver 535)"
+        ),
+        ("--transform-ami-version", "al2-ami-sagemaker-batch-gpu-535"): (
+            "launch: ml.m5.xlarge has no NVIDIA GPU: drop --transform-ami-version "
+            "al2-ami-sagemaker-batch-gpu-535 (GPU AMIs are for GPU instance types)"
+        ),
+    }
+    for flags, message in cases.items():
+        done = launch("transform", "--model-data", model_data, "--no-wait", *flags)
+        assert one_line_error(done) == message
+    sagemaker = _sagemaker(launch)
+    assert sagemaker.list_models()["Models"] == []
+    assert sagemaker.list_transform_jobs()["TransformJobSummaries"] == []
+
+
 def test_a_model_name_or_model_data_is_needed(launch: Launch) -> None:
     done = launch("transform", "--no-wait", "--bucket", BUCKET)
     assert one_line_error(done).startswith("launch: no model: pass --model")

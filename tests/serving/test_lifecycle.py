@@ -194,6 +194,7 @@ def test_default_accept_can_be_jsonlines(trained: OptMl, tmp_path: Path) -> None
         ({"SAGEMAKER_MULTI_MODEL": "true"}, "serves one model"),
         ({"SAGEMAKER_BIND_TO_PORT": "eighty"}, "SAGEMAKER_BIND_TO_PORT='eighty' is invalid"),
         ({"SERVE_MAX_BATCH_SIZE": "0"}, "SERVE_MAX_BATCH_SIZE='0' is invalid"),
+        ({"SERVE_DEVICE": "gpu"}, "SERVE_DEVICE='gpu' is invalid: Input should be 'auto', 'cuda'"),
         ({"SAGEMAKER_MAX_PAYLOAD_IN_MB": "500"}, "SAGEMAKER_MAX_PAYLOAD_IN_MB='500' is invalid"),
     ],
 )
