@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from container.gpu_drivers import markdown_table as gpu_table
 from container.serving.settings import markdown_table as serving_table
 from container.training.hyperparameters import markdown_table
 
@@ -16,3 +17,7 @@ def test_hyperparameter_table_matches_the_schema() -> None:
 
 def test_serving_settings_table_matches_the_settings() -> None:
     assert serving_table() in README.read_text()
+
+
+def test_gpu_driver_table_matches_the_table_launch_uses() -> None:
+    assert gpu_table() in README.read_text()

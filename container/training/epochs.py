@@ -7,7 +7,9 @@ line, and (rank 0) writes the model when it is the best so far and a checkpoint.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import platform
 import time
 from collections.abc import Callable, Iterator
@@ -35,6 +37,11 @@ from container.training.loop import (
     evaluate,
     extract_features,
     train_one_epoch,
+)
+from container.training.rule_recorder import (
+    RuleRecorder,
+    check_finite_weights,
+    divergence_error,
 )
 from container.training.state import Best, Parts, RunState, StopRequest
 
@@ -128,12 +135,35 @@ class _FeatureCache:
 # --- epochs -------------------------------------------------------------------------------------
 
 
+def _after_step(
+    parts: Parts, state: RunState, stop: StopRequest, recorder: RuleRecorder | None
+) -> Callable[[float], bool]:
+    """What the loop calls after each step: record it for the rules (rank 0), fail at once on a
+    NaN or infinite loss and stop on a signal, every process at the same step."""
+    rank, device, hw = parts.rank, parts.hw.device, parts.hw
+    steps = itertools.count(state.epoch * parts.steps_per_epoch + state.step)
+
+    def after_step(loss: float) -> bool:
+        step, finite = next(steps), math.isfinite(loss)
+        if recorder is not None:
+            recorder.record_step(step, loss)
+        if distributed.any_true(not finite, rank, device):
+            if recorder is not None:
+                recorder.diverged(step, state.history, parts.steps_per_epoch)
+            what = f"the training loss became {loss}" if not finite else "another process's loss"
+            raise divergence_error(what, step, parts.settings.hp.lr, hw.precision)
+        return distributed.any_true(bool(stop), rank, device)
+
+    return after_step
+
+
 def _epoch(
     parts: Parts,
     state: RunState,
     stop: StopRequest,
     hook: DebugHook | None,
     cache: _FeatureCache | None,
+    recorder: RuleRecorder | None,
 ) -> tuple[EpochStats, EvalResult | None]:
     """Train one epoch (resuming at state.step) and, unless stopped, evaluate it."""
     hp, rank = parts.settings.hp, parts.rank
@@ -163,7 +193,7 @@ def _epoch(
         scaler=parts.scaler,
         hw=parts.hw,
         profiler=parts.profiler,
-        should_stop=lambda: distributed.any_true(bool(stop), rank, parts.hw.device),
+        should_stop=_after_step(parts, state, stop, recorder),
     )
     totals = torch.tensor(
         [stats.loss_sum, stats.correct, stats.images], dtype=torch.float64, device=parts.hw.device
@@ -205,6 +235,8 @@ def write_model(parts: Parts, state: RunState, metrics_: dict[str, Any]) -> dict
     best = state.best
     weights = best.state_dict if best is not None else parts.model.state_dict()
     settings = parts.settings
+    step = state.epoch * parts.steps_per_epoch + state.step
+    check_finite_weights(weights, step, settings.hp.lr, parts.hw.precision)
     return save_artifact(
         settings.opt_ml.model_dir,
         weights,
@@ -225,12 +257,22 @@ def write_model(parts: Parts, state: RunState, metrics_: dict[str, Any]) -> dict
     )
 
 
-def train_epochs(parts: Parts, state: RunState, stop: StopRequest) -> bool:
-    """Run the remaining epochs; False when stopped by a signal before the end."""
+def train_epochs(
+    parts: Parts, state: RunState, stop: StopRequest, recorder: RuleRecorder | None = None
+) -> bool:
+    """Run the remaining epochs; False when stopped by a signal before the end. `recorder` (rank
+    0) records what the Debugger rules read and logs them as they fire."""
     settings, rank = parts.settings, parts.rank
     hp = settings.hp
     hook = (
-        create_hook(settings.debug_config, parts.model, parts.criterion)
+        create_hook(
+            settings.debug_config,
+            parts.model,
+            parts.criterion,
+            settings.opt_ml.debug_tensors_dir if hp.save_tensors else None,
+            # The steps left to run: smdebug counts its steps from 0 in each process.
+            train_steps=(hp.epochs - state.epoch) * parts.steps_per_epoch,
+        )
         if (rank.is_main and hp.debugger == "auto")
         else None
     )
@@ -260,9 +302,20 @@ def train_epochs(parts: Parts, state: RunState, stop: StopRequest) -> bool:
                 f" from step {state.step}" if state.step else "",
                 ", backbone frozen" if state.epoch < hp.frozen_epochs else "",
             )
-            stats, result = _epoch(parts, state, stop, hook, cache)
+            stats, result = _epoch(parts, state, stop, hook, cache, recorder)
             if result is None:
                 return False
+            if not (math.isfinite(stats.loss) and math.isfinite(result.loss)):
+                # Identical on every process (reduced): all stop here, none ships this model.
+                step = (state.epoch + 1) * parts.steps_per_epoch - 1
+                if recorder is not None:
+                    recorder.diverged(step, state.history, parts.steps_per_epoch)
+                raise divergence_error(
+                    f"the validation loss became {result.loss} (training loss {stats.loss:.4g})",
+                    step,
+                    hp.lr,
+                    parts.hw.precision,
+                )
             state.epoch += 1
             state.step = 0
             row = {
@@ -276,6 +329,8 @@ def train_epochs(parts: Parts, state: RunState, stop: StopRequest) -> bool:
                 "val_acc": result.accuracy,
             }
             state.history.append(row)
+            if recorder is not None:
+                recorder.check(state.history, parts.steps_per_epoch)
             if state.best is None or result.accuracy > state.best.val_acc:
                 state.best = Best(
                     state.epoch,

@@ -6,7 +6,14 @@ their message's first line says what to fix. Anything else that escapes is an in
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "DataError", "ResourceError", "TrainingError", "WeightsError"]
+__all__ = [
+    "ConfigError",
+    "DataError",
+    "DivergenceError",
+    "ResourceError",
+    "TrainingError",
+    "WeightsError",
+]
 
 
 class TrainingError(Exception):
@@ -26,4 +33,10 @@ class WeightsError(TrainingError):
 
 
 class ResourceError(TrainingError):
-    """Raised when the machine lacks something the job needs (disk for checkpoints, memory)."""
+    """Raised when the machine lacks something the job needs (disk for checkpoints, memory, a GPU
+    that CUDA can use on a GPU instance type)."""
+
+
+class DivergenceError(TrainingError):
+    """Raised when the training loss, the validation loss or the weights become NaN or infinite:
+    training does not recover from that, so the job stops at once and ships no model."""

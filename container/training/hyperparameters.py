@@ -69,6 +69,11 @@ class Hyperparameters(HyperparameterSchema):
     image_size: int = Field(
         224, ge=32, le=1024, description="Input side in pixels; recorded in the model for serving."
     )
+    device: Annotated[Literal["auto", "cuda", "cpu"], _Choice] = Field(
+        "auto",
+        description="auto: the GPU if CUDA can use it, else the CPU, but on a GPU instance type an "
+        "unusable GPU fails the job at once; cuda: fail without a usable GPU; cpu: the CPU.",
+    )
     mixed_precision: Annotated[Literal["auto", "off", "bf16", "fp16"], _Choice] = Field(
         "auto",
         description="auto: bf16 on GPUs and CPUs that support it, fp16 on older GPUs, else off.",
@@ -92,6 +97,13 @@ class Hyperparameters(HyperparameterSchema):
     )
     debugger: Annotated[Literal["auto", "off"], _Choice] = Field(
         "auto", description="auto: SageMaker Debugger hook when debughookconfig.json exists."
+    )
+    save_tensors: bool = Field(
+        False,
+        description="Without a debughookconfig.json, record smdebug tensors anyway (losses every "
+        "step; gradients, weights, biases every 10 steps: about 90 MB a time for resnet18) to "
+        "output/data/debug-tensors, which reaches S3 in output.tar.gz; a debughookconfig.json, "
+        "when present, decides instead.",
     )
 
     @model_validator(mode="after")

@@ -19,7 +19,7 @@ from container.devices import describe_cuda
 from container.images import Preprocessing
 from container.model import ArtifactError, build, load_backbone_weights
 from container.sagemaker_env import write_failure
-from container.training import distributed, metrics
+from container.training import distributed, findings, metrics
 from container.training.checkpoint import load_checkpoint, restore, save_checkpoint, snapshot
 from container.training.data import build_splits, find_images, probe_images
 from container.training.distributed import Rank
@@ -31,6 +31,11 @@ from container.training.optim import build_optimizer, build_scheduler
 from container.training.pretrained import find_pretrained
 from container.training.profiler import Profiler
 from container.training.reports import evaluation_report, write_evaluation, write_profile
+from container.training.rule_recorder import (
+    RuleRecorder,
+    check_finite_weights,
+    gradient_interval,
+)
 from container.training.settings import TrainSettings
 from container.training.state import Parts, RunState, StopRequest
 
@@ -65,6 +70,8 @@ def _build(settings: TrainSettings, rank: Rank) -> Parts:
     hp = settings.hp
     prep = Preprocessing.for_image_size(hp.image_size)
     hw = plan_hardware(
+        device_choice=hp.device,
+        instance_type=settings.instance_type,
         local_rank=rank.local_rank,
         local_world_size=rank.local_world_size,
         precision=hp.mixed_precision,
@@ -151,14 +158,27 @@ def _run(settings: TrainSettings, rank: Rank, stop: StopRequest) -> None:
             state.epoch + 1,
             state.step,
         )
+    # The job's own Debugger rules (rank 0): evaluated whether or not SageMaker runs Debugger.
+    recorder = (
+        RuleRecorder(
+            parts.model,
+            first_step=state.epoch * parts.steps_per_epoch + state.step,
+            interval=gradient_interval(settings.debug_config),
+        )
+        if rank.is_main
+        else None
+    )
     if rank.is_main:
         parts.profiler.start()
     try:
-        finished = train_epochs(parts, state, stop)
+        finished = train_epochs(parts, state, stop, recorder)
     finally:
         parts.profiler.stop()
     if not finished:
         if rank.is_main:
+            # Stopped in the step that broke the weights: neither checkpoint nor model of them.
+            step = state.epoch * parts.steps_per_epoch + state.step
+            check_finite_weights(parts.model.state_dict(), step, settings.hp.lr, parts.hw.precision)
             save_checkpoint(settings.checkpoint_dir, snapshot(parts, state))
             write_model(parts, state, {"val_acc": state.best.val_acc} if state.best else {})
             logger.warning(
@@ -190,9 +210,13 @@ def _run(settings: TrainSettings, rank: Rank, stop: StopRequest) -> None:
             results=results,
             history=state.history,
             best_epoch=best_epoch,
-        ),
+        )
+        | (recorder.report(state.history, parts.steps_per_epoch) if recorder else {}),
     )
-    write_profile(out, {"setup": _profile_setup(parts), **parts.profiler.to_json()})
+    profile = {"setup": _profile_setup(parts), **parts.profiler.to_json()}
+    found = findings.judge(profile)
+    findings.log_issues(found)
+    write_profile(out, {"findings": [f.to_json() for f in found], **profile})
     if "test" in results:
         metrics.print_line({k: v for k, v in final.items() if k.startswith("test_")}, prefix="test")
     summary = {k: v for k, v in final.items() if k.startswith("val_")}

@@ -87,12 +87,14 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler,
     hw: Hardware,
     profiler: Profiler,
-    should_stop: Callable[[], bool],
+    should_stop: Callable[[float], bool],
 ) -> EpochStats:
-    """Train over `batches`; stop early, after a whole step, when `should_stop()` says so."""
+    """Train over `batches`; after each step, `should_stop(loss)` gets its loss (a float: the
+    caller checks it is finite) and stops the epoch early when it returns True."""
     stats = EpochStats()
     loss_sum = torch.zeros((), device=hw.device, dtype=torch.float64)
     correct = torch.zeros((), device=hw.device, dtype=torch.int64)
+    profiler.start_steps()
     for images, labels in _timed(batches, profiler):
         with profiler.phase("forward_backward"):
             inputs = prepare(images)
@@ -110,7 +112,8 @@ def train_one_epoch(
         correct += (logits.detach().argmax(dim=1) == targets).sum()
         stats.images += targets.numel()
         stats.steps += 1
-        if should_stop():
+        profiler.end_step()
+        if should_stop(float(loss.detach())):
             stats.stopped = True
             break
     stats.loss_sum = float(loss_sum)

@@ -1,8 +1,10 @@
 """The job's own profile: where each epoch's time went, throughput, and how busy the machine was.
 
 SageMaker's framework profiler does not support PyTorch 2 (CONTRACT.md §4.5), so the loop times its
-phases itself and a background thread samples CPU, memory and GPU use. `reports` turns the result
-into profile.json and profile.html.
+phases itself and a background thread samples CPU, memory and GPU use. Each training step's
+duration is kept too (one float per step), and the time from the process's start to the first
+step: what SageMaker's StepOutlier and MaxInitializationTime rules look at. `findings` judges
+the result; `reports` turns it into profile.json and profile.html.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class SystemSample:
     memory_percent: float
     gpu_percent: float | None
     gpu_memory_mb: float | None
+    cpu_max_core_percent: float = 0.0  # the busiest core: one saturated core hides in the mean
 
 
 def _images_per_sec(seconds: dict[str, float], train_images: int) -> float:
@@ -47,6 +50,7 @@ class EpochProfile:
     seconds: dict[str, float]
     train_images: int
     wall_s: float
+    step_s: list[float] = field(default_factory=list)  # each training step, data wait included
 
     @property
     def images_per_sec(self) -> float:
@@ -59,11 +63,13 @@ class EpochProfile:
 class _Gpu:
     def __init__(self, device: torch.device) -> None:
         self.handle: Any = None
+        self.total_mb: float | None = None
         if device.type != "cuda":
             return
         try:
             pynvml.nvmlInit()
             self.handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+            self.total_mb = pynvml.nvmlDeviceGetMemoryInfo(self.handle).total / 2**20
         except pynvml.NVMLError:
             self.handle = None  # no NVML on this host: GPU use is left out of the report
 
@@ -94,10 +100,16 @@ class Profiler:
         self._stop = threading.Event()
         self._gpu = _Gpu(self.device)
         self._process = psutil.Process()
+        # With several processes per host this one was spawned a moment after `train` started.
+        self._process_start = self._process.create_time()
+        self._first_step: float | None = None  # wall clock (time.time) at the first step
+        self._steps: list[float] = []
+        self._step_mark = time.perf_counter()
         self._thread = threading.Thread(target=self._sample_loop, name="profiler", daemon=True)
 
     def start(self) -> None:
         psutil.cpu_percent(None)  # the first reading is meaningless; prime it
+        psutil.cpu_percent(None, percpu=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -122,6 +134,7 @@ class Profiler:
                 SystemSample(
                     t=round(time.monotonic() - self._start, 3),
                     cpu_percent=psutil.cpu_percent(None),
+                    cpu_max_core_percent=max(psutil.cpu_percent(None, percpu=True), default=0.0),
                     rss_mb=round(self._rss_mb(), 1),
                     memory_percent=psutil.virtual_memory().percent,
                     gpu_percent=gpu,
@@ -144,6 +157,18 @@ class Profiler:
             self._sync()
             self._current[name] += time.perf_counter() - start
 
+    def start_steps(self) -> None:
+        """The training loop is about to wait for its first batch of the epoch."""
+        if self._first_step is None:
+            self._first_step = time.time()
+        self._step_mark = time.perf_counter()
+
+    def end_step(self) -> None:
+        """A training step ended: its duration (batch wait included) is kept for the epoch."""
+        now = time.perf_counter()
+        self._steps.append(round(now - self._step_mark, 5))
+        self._step_mark = now
+
     def images_per_sec(self, train_images: int) -> float:
         """Training throughput of the epoch in progress, so far."""
         return _images_per_sec(self._current, train_images)
@@ -155,15 +180,20 @@ class Profiler:
             seconds={name: round(self._current[name], 4) for name in PHASES},
             train_images=train_images,
             wall_s=round(now - self._epoch_start, 4),
+            step_s=self._steps,
         )
         self.epochs.append(profile)
+        self._steps = []
         self._current.clear()
         self._epoch_start = now
         return profile
 
     def to_json(self) -> dict[str, Any]:
+        first = self._first_step
         return {
             "device": str(self.device),
+            "initialization_s": None if first is None else round(first - self._process_start, 3),
+            "gpu_memory_total_mb": self._gpu.total_mb,
             "epochs": [e.to_json() for e in self.epochs],
             "samples": [asdict(s) for s in self.samples],
         }

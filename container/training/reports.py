@@ -17,8 +17,10 @@ from matplotlib.ticker import MaxNLocator
 
 from container.training import _html
 from container.training.data import DatasetSplits
+from container.training.findings import findings_html
 from container.training.loop import EvalResult
 from container.training.profiler import PHASES
+from container.training.rules_report import rules_section
 
 __all__ = [
     "EVALUATION_HTML",
@@ -167,6 +169,7 @@ def _evaluation_html(report: Mapping[str, Any]) -> str:
     ]
     if report["history"]:
         sections.append(_html.section("Training curves", _curves(report["history"])))
+    sections.append(rules_section(report))
     focus = "test" if "test" in splits else "valid"
     if focus in splits:
         plot, worst = _worst(splits[focus])
@@ -257,6 +260,7 @@ def _profile_html(profile: Mapping[str, Any]) -> str:
         for e in epochs
     ]
     sections = [
+        findings_html(profile.get("findings", [])),
         _html.section("Setup", setup),
         _html.section(
             "Epochs",

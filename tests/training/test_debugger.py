@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 from smdebug import modes
 from smdebug.trials import create_trial
 
+from container.training.debugger import SAVE_INTERVAL, own_save_interval
 from tests.conftest import FAST, Job
 
 HOOK_CONFIG = {
@@ -129,3 +131,14 @@ def test_debugger_hyperparameter_turns_it_off(job: Job, setting: str) -> None:
     assert run.returncode == 0, run.stderr
     assert not tensors.exists()
     assert json.loads(job.opt_ml.debughookconfig_file.read_text())["LocalPath"] == str(tensors)
+
+
+def test_save_tensors_saves_gradients_a_bounded_number_of_times() -> None:
+    """Every step for short jobs, a multiple of SAVE_INTERVAL (steps that nest with the job's
+    own rule records) for long ones, and never more than 100 saves."""
+    steps = (1, 4, 100, 101, 1000, 1001, 1250, 20_000)
+    assert [own_save_interval(n) for n in steps] == [1, 1, 1, 10, 10, 20, 20, 200]
+    for n in range(1, 30_000, 13):
+        interval = own_save_interval(n)
+        assert math.ceil(n / interval) <= 100
+        assert interval == 1 or interval % SAVE_INTERVAL == 0
