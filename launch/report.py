@@ -1,10 +1,14 @@
 """`launch report`: one HTML page about one training job.
 
-It holds the Debugger rules' verdicts (DescribeTrainingJob), the metrics over time (CloudWatch,
-through `TrainingJobAnalytics`) and, when the Debugger output can be read, an smdebug trial
-analysis: loss curves per mode, gradient norms per layer, and what looks wrong in them. Plots are
-PNGs embedded as base64, so the page is a single file. The job's own reports (evaluation and
-profile, from its output.tar.gz) are unpacked beside the page and linked from it.
+At the top, the job's own verdicts, which every job has: the rules it evaluated itself
+(evaluation.json "rules") and its profiler findings (profile.json "findings"), unpacked with its
+other reports from its output.tar.gz beside the page and linked from it. Then the Debugger service's
+rule statuses (DescribeTrainingJob), which only accounts that still have Debugger get, the metrics
+over time (CloudWatch, through `TrainingJobAnalytics`) and, when smdebug tensors can be read (the
+service hook's S3 output, or the job's own in output.tar.gz's debug-tensors/), an smdebug trial
+analysis: loss curves per mode, gradient norms per layer, what looks wrong in them, and Debugger's
+built-in rules run here on them (launch/tensor_rules.py). Plots are PNGs embedded as base64, so the
+page is a single file.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import tarfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
@@ -35,9 +39,12 @@ from container.training.metrics import METRIC_NAMES
 from launch.aws import Aws, console_url
 from launch.settings import Common
 
+if TYPE_CHECKING:
+    from launch.tensor_rules import TensorVerdict
+
 __all__ = ["HELP", "DebugAnalysis", "add_arguments", "analyse_debug_output", "run"]
 
-HELP = "Write one HTML report of a training job: Debugger rules, metrics, tensors."
+HELP = "Write one HTML report of a training job: its rule verdicts, metrics, tensors."
 
 VANISHING = 1e-7
 """A gradient L2 norm below this is 'vanished' (the vanishing_gradient rule's threshold)."""
@@ -65,10 +72,12 @@ class DebugAnalysis:
     losses: dict[str, dict[int, float]] = field(default_factory=dict)  # mode -> step -> loss
     gradient_norms: dict[str, dict[int, float]] = field(default_factory=dict)  # layer -> ...
     findings: list[str] = field(default_factory=list)
+    rules: list[TensorVerdict] = field(default_factory=list)  # Debugger's built-ins, run here
 
 
 def analyse_debug_output(path: str) -> DebugAnalysis:
-    """Read an smdebug output folder (local or S3) with the trial API."""
+    """Read an smdebug output folder (local or S3) with the trial API, and run Debugger's
+    built-in rules on it (launch/tensor_rules.py). ImportError without smdebug or torch."""
     # smdebug.trials imports torch (through smdebug.core's framework checks); `launch` must not
     # pay for torch on every command, so it is imported here, only when a report reads tensors.
     # smdebug logs INFO lines to stdout through a handler made at import: bound to stderr here,
@@ -76,6 +85,8 @@ def analyse_debug_output(path: str) -> DebugAnalysis:
     with contextlib.redirect_stdout(sys.stderr):
         from smdebug import modes
         from smdebug.trials import create_trial
+
+        from launch import tensor_rules
 
     trial = create_trial(path)
     result = DebugAnalysis(path)
@@ -91,15 +102,18 @@ def analyse_debug_output(path: str) -> DebugAnalysis:
     for name in trial.tensor_names(collection="gradients"):
         tensor = trial.tensor(name)
         steps = tensor.steps(mode=modes.TRAIN)
-        norms = {s: float(_l2(tensor.value(s, mode=modes.TRAIN))) for s in steps}
+        # The full gradient where the service's hook saved it, its "l2" reduction where the
+        # job's own did (save_tensors).
+        norms = {
+            s: norm
+            for s in steps
+            if (norm := tensor_rules.l2_norm(tensor, s, modes.TRAIN)) is not None
+        }
         if norms:
             result.gradient_norms[name.removeprefix("gradient/")] = norms
     result.findings = findings(result)
+    result.rules = tensor_rules.evaluate(trial)
     return result
-
-
-def _l2(value: Any) -> float:
-    return math.sqrt(float((value.astype("float64") ** 2).sum()))
 
 
 def findings(analysis: DebugAnalysis) -> list[str]:
@@ -217,7 +231,10 @@ def _missing(aws: Aws, path: str) -> str | None:
 
 def _debug_section(aws: Aws, path: str | None) -> tuple[str, list[str]]:
     if path is None:
-        line = "no Debugger output: the job has no DebugHookConfig and no --debug-path was given"
+        line = (
+            "no Debugger output: the job has no DebugHookConfig, no debug-tensors/ in its "
+            "output.tar.gz, and no --debug-path was given"
+        )
         return f"<p>{html.escape(line)}</p>", [line]
     why = _missing(aws, path)
     if why:
@@ -225,6 +242,12 @@ def _debug_section(aws: Aws, path: str | None) -> tuple[str, list[str]]:
         return f"<p>{html.escape(line)}</p>", [line]
     try:
         analysis = analyse_debug_output(path)
+    except ImportError as exc:  # a laptop install: launch without the image's libraries
+        line = (
+            f"tensors at {path} not analysed: the analysis needs `pip install smdebug torch` "
+            f"({exc})"
+        )
+        return f"<p>{html.escape(line)}</p>", [line]
     except Exception as exc:  # smdebug raises its own and botocore's errors; any means unreachable
         line = f"Debugger output at {path} unreadable: {type(exc).__name__}: {exc}"
         return f"<p>{html.escape(line)}</p>", [line]
@@ -253,21 +276,39 @@ def _debug_section(aws: Aws, path: str | None) -> tuple[str, list[str]]:
         parts.append(_table(("layer", "min norm", "max norm", "steps"), rows))
     notes = analysis.findings or ["nothing flagged in losses or gradients"]
     parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
+    parts.append(
+        "<p>Debugger's built-in rules, run here on these tensors with smdebug's rule API:</p>"
+    )
+    rules = [
+        (r.name, r.status, "" if r.step is None else str(r.step), r.message) for r in analysis.rules
+    ]
+    parts.append(_table(("rule", "status", "step", "message"), rules))
     lines = [
         f"debugger: {len(analysis.losses)} loss curves, "
         f"{len(analysis.gradient_norms)} layers with gradients"
     ] + [f"flagged: {n}" for n in analysis.findings]
-    return "".join(parts), lines
+    return "".join(parts), lines + [_rule_line("smdebug rule", *row) for row in rules]
 
 
 _JOB_REPORTS = ("evaluation.html", "evaluation.json", "profile.html", "profile.json")
 """What `train` writes to /opt/ml/output/data, which SageMaker tars into output.tar.gz."""
 
+_JOB_TENSORS = "debug-tensors"
+"""Where, in output.tar.gz, the job's own smdebug tensors are (hyperparameter save_tensors)."""
 
-def _job_reports_section(
-    aws: Aws, description: Mapping[str, Any], folder: Path
-) -> tuple[str, list[str]]:
-    """Unpack the job's own reports from its output.tar.gz into `folder`; link and sum them up."""
+
+@dataclass(frozen=True)
+class JobOutput:
+    """What the job's output.tar.gz held, unpacked into `folder`; `missing` says why not."""
+
+    folder: Path
+    reports: list[str]
+    tensors: Path | None
+    missing: str | None = None
+
+
+def _unpack_job_output(aws: Aws, description: Mapping[str, Any], folder: Path) -> JobOutput:
+    """The job's own reports and tensors, from its output.tar.gz into `folder`."""
     output = description["OutputDataConfig"]["S3OutputPath"].rstrip("/")
     uri = f"{output}/{description['TrainingJobName']}/output/output.tar.gz"
     bucket, _, key = uri.removeprefix("s3://").partition("/")
@@ -276,16 +317,30 @@ def _job_reports_section(
     try:
         aws.boto.client("s3").download_file(bucket, key, str(archive))
     except ClientError:
-        line = f"the job's own reports: no {uri} (yet)"
-        return f"<p>{html.escape(line)}</p>", [line]
-    with tarfile.open(archive) as tar:  # the known names only, written by us: nothing escapes
-        for member in tar.getmembers():
-            name = member.name.removeprefix("./")
-            source = tar.extractfile(member) if name in _JOB_REPORTS else None
-            if source is not None:
-                (folder / name).write_bytes(source.read())
-    archive.unlink()
+        return JobOutput(folder, [], None, f"no {uri} (yet)")
+    try:
+        with tarfile.open(archive) as tar:
+            wanted = [m for m in tar.getmembers() if _wanted(m.name.removeprefix("./"))]
+            tar.extractall(folder, members=wanted, filter="data")  # no path leaves `folder`
+    except (tarfile.TarError, OSError) as exc:
+        return JobOutput(folder, [], None, f"{uri} unreadable: {exc}")
+    finally:
+        archive.unlink()
+    tensors = folder / _JOB_TENSORS
     found = [name for name in _JOB_REPORTS if (folder / name).is_file()]
+    return JobOutput(folder, found, tensors if tensors.is_dir() else None)
+
+
+def _wanted(name: str) -> bool:
+    return name in _JOB_REPORTS or name.startswith(f"{_JOB_TENSORS}/")
+
+
+def _job_reports_section(unpacked: JobOutput) -> tuple[str, list[str]]:
+    """Links to the job's own reports, and its accuracy per split."""
+    if unpacked.missing:
+        line = f"the job's own reports: {unpacked.missing}"
+        return f"<p>{html.escape(line)}</p>", [line]
+    folder, found = unpacked.folder, unpacked.reports
     links = " ".join(f'<a href="{html.escape(f"{folder.name}/{n}")}">{n}</a>' for n in found)
     parts, lines = [f"<p>{links or 'none in output.tar.gz'}</p>"], [f"job reports -> {folder}/"]
     if "evaluation.json" in found:
@@ -297,6 +352,59 @@ def _job_reports_section(
         parts.append(_table(("split", "images", "accuracy", "top-5", "loss"), rows))
         lines += [f"{split}: accuracy {acc}" for split, _, acc, _, _ in rows]
     return "".join(parts), lines
+
+
+_QUIET = frozenset({"ok", "not_evaluated"})
+"""Verdict statuses that are not a rule or finding firing."""
+
+
+def _verdicts_section(unpacked: JobOutput) -> tuple[str, list[str]]:
+    """The job's own verdicts: evaluation.json's "rules" and profile.json's "findings", as
+    tables; a line for each that fired."""
+    parts: list[str] = []
+    lines: list[str] = []
+    sources = (
+        ("evaluation.json", "rules", "rule", ("rule", "status", "step", "message")),
+        ("profile.json", "findings", "finding", ("finding", "verdict", "message", "what to do")),
+    )
+    for file, key, kind, header in sources:
+        path = unpacked.folder / file
+        entries = json.loads(path.read_text()).get(key) if path.is_file() else None
+        if not isinstance(entries, list):
+            why = f"{file} has no {key!r}" if path.is_file() else f"no {file}"
+            line = f"the job's own {key}: none ({why})"
+            parts.append(f"<p>{html.escape(line)}</p>")
+            lines.append(line)
+            continue
+        rows = [_verdict_row(kind, entry) for entry in entries]
+        parts.append(_table(header, rows))
+        fired = [row for row in rows if row[1] not in _QUIET]
+        lines.append(f"the job's own {key}: {len(fired)} of {len(rows)} fired")
+        lines += [
+            _rule_line("job rule", *row) if kind == "rule" else _finding_line(*row) for row in fired
+        ]
+    return "".join(parts), lines
+
+
+def _verdict_row(kind: str, entry: Mapping[str, Any]) -> tuple[str, str, str, str]:
+    """(name, status, step, message) of a rule; (name, verdict, message, recommendation) of a
+    finding, whose status profile.json calls its verdict."""
+    name = str(entry.get("name", "?"))
+    status = str(entry.get("status", entry.get("verdict", "?")))
+    if kind == "rule":
+        step = entry.get("step")
+        return name, status, "" if step is None else str(step), str(entry.get("message", ""))
+    return name, status, str(entry.get("message", "")), str(entry.get("recommendation", ""))
+
+
+def _rule_line(label: str, name: str, status: str, step: str, message: str) -> str:
+    return f"{label} {name}: {status}" + (f" at step {step}" if step else "") + f": {message}"
+
+
+def _finding_line(name: str, status: str, message: str, recommendation: str) -> str:
+    return f"job finding {name}: {status}: {message}" + (
+        f" ({recommendation})" if recommendation else ""
+    )
 
 
 def _default_debug_path(description: Mapping[str, Any]) -> str | None:
@@ -311,14 +419,15 @@ def run(args: argparse.Namespace, common: Common) -> int:
     aws = Aws.connect(common)
     description = aws.sagemaker.sagemaker_client.describe_training_job(TrainingJobName=args.job)
     status = description["TrainingJobStatus"]
-    rules_html, rule_lines = _rules_section(description)
-    metrics_html, metric_lines = _metrics_section(aws, args.job)
-    debug_html, debug_lines = _debug_section(
-        aws, args.debug_path or _default_debug_path(description)
-    )
-    reports_html, report_lines = _job_reports_section(
+    unpacked = _unpack_job_output(
         aws, description, args.out.with_name(f"{args.out.stem}-{args.job}")
     )
+    reports_html, report_lines = _job_reports_section(unpacked)
+    verdicts_html, verdict_lines = _verdicts_section(unpacked)
+    rules_html, rule_lines = _rules_section(description)
+    metrics_html, metric_lines = _metrics_section(aws, args.job)
+    tensors = str(unpacked.tensors) if unpacked.tensors else _default_debug_path(description)
+    debug_html, debug_lines = _debug_section(aws, args.debug_path or tensors)
     final = [(m["MetricName"], m["Value"]) for m in description.get("FinalMetricDataList", [])]
     link = console_url(aws.region, "jobs", args.job)
     page = f"""<!doctype html><html><head><meta charset="utf-8">
@@ -328,16 +437,17 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:2px 6px}}<
 </head><body><h1>Training job {html.escape(args.job)}</h1>
 <p>status {html.escape(status)} {html.escape(description.get("FailureReason", ""))}
 - <a href="{html.escape(link)}">console</a></p>
+<h2>The job's own verdicts</h2>{verdicts_html}
+<h2>Debugger rules (the service)</h2>{rules_html}
 <h2>Final metrics</h2>{_table(("metric", "value"), final)}
 <h2>The job's own reports</h2>{reports_html}
-<h2>Debugger rules</h2>{rules_html}
 <h2>Metrics over time</h2>{metrics_html}
 <h2>Tensors (smdebug)</h2>{debug_html}
 </body></html>
 """
     args.out.write_text(page)
     print(f"training job {args.job}: {status}")
-    for line in report_lines + rule_lines + metric_lines + debug_lines:
+    for line in report_lines + verdict_lines + rule_lines + metric_lines + debug_lines:
         print(line)
     print(f"report -> {args.out}")
     return 0

@@ -1,7 +1,11 @@
 """`launch train`: one training job with the image, through the SDK v2 `Estimator`.
 
-The job gets SageMaker Debugger (a hook config and the built-in rules that read its tensors), the
-platform's system profiler, optional managed spot with checkpoints, and FastFile input by default.
+The job gets SageMaker Debugger (a hook config and the built-in rules that read its tensors) and the
+platform's system profiler where the account has them, optional managed spot with checkpoints, and
+FastFile input by default. Debugger is closed to accounts new since 2026-07-30 (AWS docs, "Debugger
+availability change"), so by default (`--debugger auto`) a CreateTrainingJob refused for it is sent
+again without it, and the job records its own tensors in its output (hyperparameter save_tensors);
+the job evaluates the rules itself either way, and `launch report` reads both.
 Multi-host needs no `distribution=`: the image reads resourceconfig.json and starts its own
 processes (container/training/distributed.py, CONTRACT.md §2.6). `launch tune` builds its training
 jobs from the same pieces (`estimator`, `channels`, `hyperparameters`).
@@ -17,13 +21,19 @@ from pathlib import Path
 from typing import Any
 
 import smdebug_rulesconfig as rule_configs  # type: ignore[import-untyped]  # = sagemaker.debugger.rule_configs
+from botocore.exceptions import ClientError
 from sagemaker.debugger.debugger import CollectionConfig, DebuggerHookConfig, Rule
 from sagemaker.debugger.profiler_config import ProfilerConfig
 from sagemaker.estimator import Estimator
 from sagemaker.exceptions import UnexpectedStatusException
+from sagemaker.fw_utils import DEBUGGER_UNSUPPORTED_REGIONS
 from sagemaker.inputs import TrainingInput
 
-from container.sagemaker_env import ConfigFileError, decode_hyperparameters
+from container.sagemaker_env import (
+    ConfigFileError,
+    decode_hyperparameters,
+    encode_hyperparameters,
+)
 from container.training.hyperparameters import Hyperparameters
 from container.training.metrics import METRIC_DEFINITIONS
 from launch.aws import Aws, console_url, job_name
@@ -32,11 +42,13 @@ from launch.settings import Common
 
 __all__ = [
     "CHANNELS",
+    "DEBUGGER_CHOICES",
     "HELP",
     "RULES",
     "add_arguments",
     "add_estimator_arguments",
     "channels",
+    "debugger_refused",
     "estimator",
     "hyperparameters",
     "metric_definitions",
@@ -45,7 +57,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-HELP = "Train one model: a SageMaker training job with Debugger rules, profiler and spot options."
+HELP = "Train one model: a SageMaker training job with Debugger (--debugger), profiler and spot."
 
 CHANNELS = ("train", "valid", "test")
 """The image's channels; each defaults to s3://BUCKET/PREFIX/data/NAME/."""
@@ -64,6 +76,9 @@ RULES = {
 
 # The intervals ProfilerConfig accepts (milliseconds).
 PROFILER_INTERVALS = (100, 200, 500, 1000, 5000, 60000)
+
+DEBUGGER_CHOICES = ("auto", "service", "off")
+"""--debugger: the service's Debugger when it can (auto), always (service), or never (off)."""
 
 
 def add_estimator_arguments(parser: argparse.ArgumentParser) -> None:
@@ -133,7 +148,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=10,
         help="Debugger: save tensors every N steps (losses every step) (default: %(default)s)",
     )
-    parser.add_argument("--no-debugger", action="store_true", help="no Debugger hook and no rules")
+    parser.add_argument(
+        "--debugger",
+        default="auto",
+        choices=DEBUGGER_CHOICES,
+        help="auto: ask for SageMaker Debugger's hook, built-in rules and profiler, and if "
+        "CreateTrainingJob refuses them (Debugger is closed to accounts new since 2026-07-30) "
+        "start the job again without them, recording its own tensors (save_tensors=true); "
+        "service: the service's or fail; off: neither. The job evaluates the rules itself "
+        "in every case (default: %(default)s)",
+    )
+    parser.add_argument(  # the flag's name before --debugger
+        "--no-debugger", dest="debugger", action="store_const", const="off", help=argparse.SUPPRESS
+    )
     parser.add_argument(
         "--profiler-interval",
         type=int,
@@ -166,7 +193,7 @@ def hyperparameters(file: Path | None, pairs: Sequence[str]) -> dict[str, str]:
             f"unknown hyperparameter(s) {', '.join(unknown)}: the image knows "
             f"{', '.join(Hyperparameters.model_fields)}"
         )
-    encoded = {k: v if isinstance(v, str) else json.dumps(v) for k, v in values.items()}
+    encoded = encode_hyperparameters(values)
     try:
         decode_hyperparameters(encoded, Hyperparameters)
     except ConfigFileError as exc:
@@ -207,9 +234,8 @@ def metric_definitions() -> list[dict[str, Any]]:
     return [dict(d) for d in METRIC_DEFINITIONS]
 
 
-def _debugger(aws: Aws, args: argparse.Namespace) -> dict[str, Any]:
-    if args.no_debugger:
-        return {"debugger_hook_config": False}
+def _service_debugger(aws: Aws, args: argparse.Namespace) -> dict[str, Any]:
+    """The service's hook, its built-in rules and its system profiler, as Estimator options."""
     interval = str(args.save_interval)
     ours = {
         name: CollectionConfig(name, {"save_interval": "1" if name == "losses" else interval})
@@ -222,7 +248,39 @@ def _debugger(aws: Aws, args: argparse.Namespace) -> dict[str, Any]:
             collection_configs=list(ours.values()),
         ),
         "rules": [_rule(make, ours, interval) for make in RULES.values()],
+        # System monitoring only: framework profiling is deprecated for PyTorch >= 2 (CONTRACT.md
+        # §4.5), and the platform collects CPU/GPU/memory/IO for any container.
+        "profiler_config": ProfilerConfig(
+            s3_output_path=aws.s3_uri("profiler"),
+            system_monitor_interval_millis=args.profiler_interval,
+        ),
     }
+
+
+# Without the service: no hook config, no rules; the SDK then sends ProfilerConfig
+# {"DisableProfiler": true}, as it does by itself in the regions that have no profiler.
+_NO_SERVICE: dict[str, Any] = {"debugger_hook_config": False, "disable_profiler": True}
+
+
+def debugger_refused(exc: ClientError) -> bool:
+    """Whether CreateTrainingJob refused the job for its Debugger or profiler settings.
+
+    AWS publishes no error for an account that Debugger is closed to (the "Debugger availability
+    change" note on every Debugger page of the SageMaker developer guide). Where a region lacks
+    the service the API answers ValidationException naming the field, e.g. "ProfilerConfig is
+    currently not supported in cn-northwest-1" (aws/sagemaker-python-sdk#2134); an account
+    refused a feature gets AccessDenied(Exception). Either, naming Debug* or Profiler*, counts.
+    """
+    error = exc.response.get("Error", {})
+    message = str(error.get("Message", "")).lower()
+    return (
+        exc.operation_name == "CreateTrainingJob"
+        and error.get("Code") in _REFUSALS
+        and any(word in message for word in ("debug", "profiler"))
+    )
+
+
+_REFUSALS = frozenset({"ValidationException", "AccessDeniedException", "AccessDenied"})
 
 
 def _rule(make: Any, ours: Mapping[str, CollectionConfig], interval: str) -> Rule:
@@ -264,31 +322,30 @@ def run(args: argparse.Namespace, common: Common) -> int:
     if args.instance_count < 1:
         raise LaunchError(f"--instance-count {args.instance_count}: give 1 or more")
     aws = Aws.connect(common)
-    job = estimator(
-        aws,
-        args,
-        hyperparameters=values,
-        # System monitoring only: framework profiling is deprecated for PyTorch >= 2 (CONTRACT.md
-        # §4.5), and the platform collects CPU/GPU/memory/IO for any container.
-        profiler_config=ProfilerConfig(
-            s3_output_path=aws.s3_uri("profiler"),
-            system_monitor_interval_millis=args.profiler_interval,
-        ),
-        **_debugger(aws, args),
-        **_spot(aws, args),
-    )
     name = job_name(common.prefix, "train")
     print(f"training job {name}")
     print(console_url(aws.region, "jobs", name))
+    service = args.debugger != "off"
+    if service and aws.region in DEBUGGER_UNSUPPORTED_REGIONS:  # the SDK raises a bare ValueError
+        why = f"SageMaker Debugger is not offered in {aws.region}"
+        if args.debugger == "service":
+            raise LaunchError(f"--debugger service: {why}; use --debugger auto or off")
+        print(f"{why}: {_OWN_TENSORS}")
+        service = False
     try:
-        job.fit(
-            channels(aws, args), job_name=name, wait=args.wait, logs="All" if args.logs else "None"
-        )
-    except UnexpectedStatusException as exc:
-        failed = aws.sagemaker.describe_training_job(name)
-        raise job_ended(
-            "training", name, failed["TrainingJobStatus"], failed.get("FailureReason")
-        ) from exc
+        _fit(aws, args, name, values, service)
+    except ClientError as exc:
+        if not (service and debugger_refused(exc)):
+            raise
+        error = exc.response["Error"]
+        why = f"CreateTrainingJob refused Debugger ({error.get('Code')}: {error.get('Message')})"
+        if args.debugger == "service":
+            raise LaunchError(
+                f"--debugger service: {why}; Debugger is closed to accounts new since "
+                "2026-07-30: use --debugger auto (the job evaluates the rules itself) or off"
+            ) from exc
+        print(f"{why}: starting {name} again without it; {_OWN_TENSORS}")
+        _fit(aws, args, name, values, service=False)
     if not args.wait:
         print(f"started; follow it with: launch report {name}")
         return 0
@@ -299,3 +356,29 @@ def run(args: argparse.Namespace, common: Common) -> int:
     for metric, value in final_metrics(description).items():
         print(f"{metric} = {value:g}")
     return 0
+
+
+_OWN_TENSORS = "the job records its own tensors (save_tensors=true) for launch report"
+
+
+def _fit(
+    aws: Aws, args: argparse.Namespace, name: str, values: Mapping[str, str], service: bool
+) -> None:
+    """Create the job `name` (and wait, as asked): with the service's Debugger, or without it
+    and, under --debugger auto, with the job's own tensor recording in its place."""
+    if service:
+        options = _service_debugger(aws, args)
+    else:
+        options = dict(_NO_SERVICE)
+        if args.debugger == "auto":
+            values = {"save_tensors": "true", **values}  # the user's own value wins
+    job = estimator(aws, args, hyperparameters=dict(values), **options, **_spot(aws, args))
+    try:
+        job.fit(
+            channels(aws, args), job_name=name, wait=args.wait, logs="All" if args.logs else "None"
+        )
+    except UnexpectedStatusException as exc:
+        failed = aws.sagemaker.describe_training_job(name)
+        raise job_ended(
+            "training", name, failed["TrainingJobStatus"], failed.get("FailureReason")
+        ) from exc

@@ -4,6 +4,10 @@ The SDK v2 `HyperparameterTuner` does not inherit the estimator's metric definit
 given to both (CONTRACT.md §0 #4). When the job ends (or with `--leaderboard NAME`), every training
 job is ranked by the objective, and the best one's hyperparameters are written as JSON that
 `launch train --hyperparameters` takes back.
+
+Its training jobs cannot have SageMaker Debugger (the API's HyperParameterTrainingJobDefinition has
+no DebugHookConfig, rules or ProfilerConfig): each job evaluates the rules itself and, by default,
+records its own tensors (hyperparameter save_tensors) for `launch report`.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from launch.aws import Aws, console_url, job_name
 from launch.errors import LaunchError, job_ended
 from launch.settings import Common
 from launch.training import (
+    DEBUGGER_CHOICES,
     add_estimator_arguments,
     channels,
     estimator,
@@ -65,6 +70,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ranges.add_argument("--weight-decay", **_pair(float), default=[1e-5, 1e-2], help="log scale")
     parser.add_argument(
         "--strategy", default="Bayesian", choices=("Bayesian", "Random", "Hyperband")
+    )
+    parser.add_argument(
+        "--debugger",
+        default="auto",
+        choices=DEBUGGER_CHOICES,
+        help="a tuning job's training jobs cannot have SageMaker Debugger (the API's "
+        "HyperParameterTrainingJobDefinition has no hook, rules or profiler), so service is "
+        "refused; auto: each job records its own tensors (save_tensors=true) for launch report; "
+        "off: not. Each job evaluates the rules itself either way (default: %(default)s)",
     )
     parser.add_argument("--max-jobs", type=int, default=12, help="%(default)s")
     parser.add_argument("--max-parallel-jobs", type=int, default=2, help="%(default)s")
@@ -124,6 +138,14 @@ def _static(args: argparse.Namespace) -> dict[str, str]:
     tuned = sorted(k for k in values if k.replace("-", "_") in TUNED)
     if tuned:
         raise LaunchError(f"{', '.join(tuned)} are tuned: leave them out of the static values")
+    if args.debugger == "service":
+        raise LaunchError(
+            "--debugger service: a tuning job's training jobs cannot have SageMaker Debugger "
+            "(HyperParameterTrainingJobDefinition has no DebugHookConfig): use --debugger auto, "
+            "where each job records its own tensors and evaluates the rules itself, or off"
+        )
+    if args.debugger == "auto":
+        return {"save_tensors": "true", **values}  # the user's own value wins
     return values
 
 

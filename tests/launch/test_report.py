@@ -1,30 +1,19 @@
-"""`launch report` on a job in moto, with the tensors of a real `train` run read by smdebug."""
+"""`launch report` on a job in moto, with the output of a real `train` run: its own reports and
+verdicts, and its tensors read by smdebug."""
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
 import tarfile
 
 from launch.report import DebugAnalysis, findings
-from tests.conftest import Job
+from launch.tensor_rules import RULES
+from tests.conftest import FAST, ROOT, Job
 from tests.launch.conftest import Launch, one_line_error
 
 BUCKET = "report-bucket"
-
-HOOK_CONFIG = {
-    "S3OutputPath": "s3://bucket/job/debug-output",
-    "HookParameters": {"save_interval": "2"},
-    "CollectionConfigurations": [
-        {"CollectionName": "losses", "CollectionParameters": {"save_interval": "1"}},
-        {"CollectionName": "gradients"},
-        {"CollectionName": "weights"},
-        {"CollectionName": "biases"},
-    ],
-    "DebugHookSpecification": None,
-}
 
 
 def _train_job(launch: Launch, *flags: str) -> str:
@@ -33,13 +22,8 @@ def _train_job(launch: Launch, *flags: str) -> str:
     return done.stdout.splitlines()[0].removeprefix("training job ")
 
 
-def test_report_reads_real_tensors_into_one_html_page(launch: Launch, job: Job) -> None:
-    tensors = job.opt_ml.output_dir / "tensors"
-    job.write_config("debughookconfig.json", {**HOOK_CONFIG, "LocalPath": str(tensors)})
-    run = job.run()
-    assert run.returncode == 0, run.stderr
-    name = _train_job(launch)
-    # What SageMaker would upload at the job's end: /opt/ml/output/data as output.tar.gz.
+def _upload_output(launch: Launch, job: Job, name: str) -> None:
+    """What SageMaker does at the job's end: /opt/ml/output/data to S3 as output.tar.gz."""
     with tarfile.open(job.base / "output.tar.gz", "w:gz") as tar:
         tar.add(job.opt_ml.output_data_dir, arcname=".")
     output = launch.client("sagemaker").describe_training_job(TrainingJobName=name)
@@ -47,34 +31,87 @@ def test_report_reads_real_tensors_into_one_html_page(launch: Launch, job: Job) 
     key = f"{prefix.rstrip('/')}/{name}/output/output.tar.gz"
     launch.client("s3").upload_file(str(job.base / "output.tar.gz"), bucket, key)
 
-    done = launch.ok("report", name, "--debug-path", str(tensors), "--out", "page.html")
+
+def test_report_of_a_job_without_debugger_shows_its_own_verdicts_and_tensors(
+    launch: Launch, job: Job
+) -> None:
+    """A real `train` run with save_tensors=true, as `launch train --debugger auto` starts it when
+    SageMaker refuses Debugger: its output.tar.gz holds its reports, its own rule verdicts and
+    profiler findings, and debug-tensors/, on which the report runs Debugger's rules itself."""
+    job.set_hyperparameters(FAST, save_tensors=True)
+    run = job.run()
+    assert run.returncode == 0, run.stderr
+    name = _train_job(launch)
+    _upload_output(launch, job, name)
+
+    done = launch.ok("report", name, "--out", "page.html")
     lines = done.stdout.splitlines()
+    page = (launch.cwd / "page.html").read_text()
     assert lines[0] == f"training job {name}: Completed"
     assert lines[1] == f"job reports -> page-{name}/"
-    evaluation = json.loads((job.opt_ml.output_data_dir / "evaluation.json").read_text())
+    evaluation = job.report("evaluation.json")
     accuracy = evaluation["splits"]["test"]["accuracy"]
     assert f"test: accuracy {accuracy:.4f}" in lines
+
+    # The job's own verdicts: a table each at the top of the page, a line per one that fired.
+    assert page.index("<h2>The job's own verdicts</h2>") < page.index("<h2>Final metrics</h2>")
+    rules = evaluation["rules"]
+    fired = [r for r in rules if r["status"] == "issues_found"]
+    assert f"the job's own rules: {len(fired)} of {len(rules)} fired" in lines
+    for rule in rules:
+        assert f"<td>{rule['name']}</td><td>{rule['status']}</td>" in page
+    for rule in fired:
+        line = f"job rule {rule['name']}: issues_found at step {rule['step']}: {rule['message']}"
+        assert line in lines
+    findings = job.report("profile.json")["findings"]
+    noted = [f for f in findings if f["verdict"] not in ("ok", "not_evaluated")]
+    assert f"the job's own findings: {len(noted)} of {len(findings)} fired" in lines
+    for finding in findings:
+        assert f"<td>{finding['name']}</td><td>{finding['verdict']}</td>" in page
+    for finding in noted:
+        assert any(x.startswith(f"job finding {finding['name']}: ") for x in lines)
+    # The service's rules: configured by `launch train` (moto runs none).
     assert (
         "no rule evaluation statuses reported yet (configured: LossNotDecreasing, "
         "VanishingGradient, Overfit, Overtraining, PoorWeightInitialization)"
     ) in lines
     assert any(x.startswith("metrics over time unavailable: ") for x in lines)  # moto: none
+
+    # The tensors, from output.tar.gz's debug-tensors/, with Debugger's rules run on them here.
     (debugger,) = [
         m for x in lines if (m := re.fullmatch(r"debugger: 2 loss curves, (\d+) layers.*", x))
     ]
     assert int(debugger[1]) >= 1  # the new head at least (the backbone may be frozen)
-    assert lines[-1] == "report -> page.html"
-    reports = launch.cwd / f"page-{name}"
-    for report in ("evaluation.html", "evaluation.json", "profile.html", "profile.json"):
-        assert (reports / report).read_bytes() == (job.opt_ml.output_data_dir / report).read_bytes()
-
-    page = (launch.cwd / "page.html").read_text()
-    assert f'<a href="page-{name}/profile.html">profile.html</a>' in page
+    for rule in RULES:
+        (line,) = [x for x in lines if x.startswith(f"smdebug rule {rule}: ")]
+        assert line.split(": ")[1].split(" ")[0] in ("ok", "issues_found"), line
     assert page.count('src="data:image/png;base64,') == 2  # losses per mode, gradient norms
     assert "<td>CrossEntropyLoss_output_0 (TRAIN)</td><td>16</td>" in page  # 8 steps x 2 epochs
     assert "<td>CrossEntropyLoss_output_0 (EVAL)</td>" in page
     assert "<td>ResNet_fc.weight</td>" in page
-    assert "LossNotDecreasing" in page
+    assert lines[-1] == "report -> page.html"
+    reports = launch.cwd / f"page-{name}"
+    for report in ("evaluation.html", "evaluation.json", "profile.html", "profile.json"):
+        assert (reports / report).read_bytes() == (job.opt_ml.output_data_dir / report).read_bytes()
+    assert f'<a href="page-{name}/profile.html">profile.html</a>' in page
+    assert (reports / "debug-tensors" / "collections").is_dir()
+
+    # A laptop install has neither smdebug nor torch: the report says what to install, once.
+    shadow = launch.cwd / "without-smdebug" / "smdebug"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'smdebug'\", name='smdebug')\n"
+    )
+    bare = launch(
+        "report", name, "--out", "bare.html", env={"PYTHONPATH": f"{shadow.parent}:{ROOT}"}
+    )
+    assert bare.returncode == 0, bare.stderr
+    (line,) = [x for x in bare.stdout.splitlines() if "smdebug" in x]
+    assert line == (
+        f"tensors at bare-{name}/debug-tensors not analysed: the analysis needs "
+        "`pip install smdebug torch` (No module named 'smdebug')"
+    )
+    assert f"the job's own rules: {len(fired)} of {len(rules)} fired" in bare.stdout
 
 
 def test_report_without_reachable_debug_output_says_why(launch: Launch) -> None:
@@ -87,10 +124,14 @@ def test_report_without_reachable_debug_output_says_why(launch: Launch) -> None:
         in done.stdout
     )
 
-    plain = _train_job(launch, "--no-debugger")
+    plain = _train_job(launch, "--debugger", "off")
     done = launch.ok("report", plain, "--out", "plain.html")
     assert "no Debugger rules configured for this job" in done.stdout
-    assert "no Debugger output: the job has no DebugHookConfig" in done.stdout
+    assert (
+        "no Debugger output: the job has no DebugHookConfig, no debug-tensors/ in its "
+        "output.tar.gz, and no --debug-path was given"
+    ) in done.stdout
+    assert "the job's own rules: none (no evaluation.json)" in done.stdout
     assert (launch.cwd / "plain.html").read_text().startswith("<!doctype html>")
     assert f"the job's own reports: no s3://{BUCKET}/" in done.stdout
 

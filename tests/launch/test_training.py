@@ -1,9 +1,19 @@
-"""`launch train` against moto: what CreateTrainingJob carries (read back, and as sent)."""
+"""`launch train` against moto: what CreateTrainingJob carries (read back, and as sent), and what
+`--debugger` does when CreateTrainingJob refuses Debugger (a stand-in for SageMaker in front of
+moto that refuses it)."""
 
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
 
 from container.training.metrics import METRIC_DEFINITIONS
 from launch.errors import explain, job_ended
@@ -81,7 +91,7 @@ def test_train_sends_debugger_rules_profiler_spot_and_fastfile(
 
 def test_train_waits_then_prints_model_and_final_metrics(launch: Launch, bucket: str) -> None:
     """moto completes a job at once, with one made-up final metric."""
-    done = launch.ok("train", "--bucket", bucket, "--no-logs", "--no-debugger")
+    done = launch.ok("train", "--bucket", bucket, "--no-logs", "--debugger", "off")
     name = _name(done.stdout)
     model = f"s3://{bucket}/dog-classifier/output/{name}/output/model.tar.gz"
     assert f"model: {model}" in done.stdout
@@ -133,4 +143,154 @@ def test_a_failed_job_is_one_line_with_its_reason() -> None:
     assert (
         str(job_ended("tuning", "t", "Stopped", None))
         == "tuning job t ended Stopped: no FailureReason given"
+    )
+
+
+# --- --debugger, and a CreateTrainingJob that refuses Debugger ---------------------------------
+
+REFUSAL = (
+    "DebugHookConfig is not supported for this account: Amazon SageMaker Debugger is no longer "
+    "open to new customers."
+)
+"""AWS publishes no wording for this refusal; this one is shaped like the one it gives where a
+region lacks the feature ("ProfilerConfig is currently not supported in cn-northwest-1",
+aws/sagemaker-python-sdk#2134), with the docs' own sentence."""
+
+
+@dataclass
+class RefusingSageMaker:
+    """A stand-in for the SageMaker API in front of moto_server: CreateTrainingJob requests that
+    carry DebugHookConfig get SageMaker's JSON ValidationException (and are kept in `refused`),
+    every other request goes on to moto. Aimed at with AWS_ENDPOINT_URL_SAGEMAKER, so S3 and the
+    rest still reach moto directly."""
+
+    url: str
+    refused: list[dict[str, Any]] = field(default_factory=list)
+
+
+@pytest.fixture
+def refusing(moto_server: str) -> Iterator[RefusingSageMaker]:
+    class Refuse(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # the SageMaker API is JSON over POST
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            target = self.headers["X-Amz-Target"]
+            if target == "SageMaker.CreateTrainingJob" and "DebugHookConfig" in json.loads(body):
+                stand_in.refused.append(json.loads(body))
+                status = 400
+                content_type = "application/x-amz-json-1.1"
+                content = json.dumps({"__type": "ValidationException", "message": REFUSAL})
+                answer = content.encode()
+            else:
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                forwarded = httpx.post(moto_server + self.path, headers=headers, content=body)
+                status = forwarded.status_code
+                content_type = forwarded.headers["content-type"]
+                answer = forwarded.content
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    stand_in = RefusingSageMaker(f"http://127.0.0.1:{server.server_address[1]}")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield stand_in
+    server.shutdown()
+    thread.join()
+    server.server_close()
+
+
+RETRY = (
+    f"CreateTrainingJob refused Debugger (ValidationException: {REFUSAL}): starting {{}} again "
+    "without it; the job records its own tensors (save_tensors=true) for launch report"
+)
+
+
+def test_auto_starts_the_job_again_without_debugger_when_refused(
+    launch: Launch, bucket: str, refusing: RefusingSageMaker
+) -> None:
+    done = launch(
+        "train", "--bucket", bucket, "--no-wait", "--set", "epochs=2",
+        env={"AWS_ENDPOINT_URL_SAGEMAKER": refusing.url},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    name = _name(done.stdout)
+    assert RETRY.format(name) in done.stdout.splitlines()
+    assert "Traceback" not in done.stderr
+    (first,) = refusing.refused
+    assert first["TrainingJobName"] == name
+    assert {"DebugHookConfig", "DebugRuleConfigurations"} <= set(first)
+    assert first["ProfilerConfig"]["DisableProfiler"] is False
+    (request,) = launch.sent("SageMaker.CreateTrainingJob")  # what reached "SageMaker"
+    assert request["TrainingJobName"] == name
+    assert "DebugHookConfig" not in request
+    assert "DebugRuleConfigurations" not in request
+    assert "ProfilerRuleConfigurations" not in request
+    # The SDK's way to say "no profiler", as it sends in regions without one (fw_utils).
+    assert request.get("ProfilerConfig", {"DisableProfiler": True}) == {"DisableProfiler": True}
+    assert request["HyperParameters"] == {"epochs": "2", "save_tensors": "true"}
+    job = launch.client("sagemaker").describe_training_job(TrainingJobName=name)
+    assert job["HyperParameters"]["save_tensors"] == "true"
+
+
+def test_service_fails_in_one_line_when_refused(
+    launch: Launch, bucket: str, refusing: RefusingSageMaker
+) -> None:
+    done = launch(
+        "train", "--bucket", bucket, "--no-wait", "--debugger", "service",
+        env={"AWS_ENDPOINT_URL_SAGEMAKER": refusing.url},
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        f"launch: --debugger service: CreateTrainingJob refused Debugger (ValidationException: "
+        f"{REFUSAL}); Debugger is closed to accounts new since 2026-07-30: use --debugger auto "
+        "(the job evaluates the rules itself) or off"
+    )
+    assert len(refusing.refused) == 1
+    assert launch.sent("SageMaker.CreateTrainingJob") == []
+
+
+@pytest.mark.parametrize("flag", [("--debugger", "off"), ("--no-debugger",)])
+def test_off_sends_no_debugger_and_no_tensor_recording(
+    launch: Launch, bucket: str, refusing: RefusingSageMaker, flag: tuple[str, ...]
+) -> None:
+    """`--no-debugger`, the flag's old name, is kept as a hidden alias of `--debugger off`."""
+    done = launch(
+        "train", "--bucket", bucket, "--no-wait", *flag,
+        env={"AWS_ENDPOINT_URL_SAGEMAKER": refusing.url},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "refused" not in done.stdout
+    assert refusing.refused == []
+    (request,) = launch.sent("SageMaker.CreateTrainingJob")
+    assert not {"DebugHookConfig", "DebugRuleConfigurations"} & set(request)
+    assert request.get("ProfilerConfig", {"DisableProfiler": True}) == {"DisableProfiler": True}
+    assert "HyperParameters" not in request or "save_tensors" not in request["HyperParameters"]
+
+
+def test_auto_without_debugger_in_the_region_goes_straight_to_the_job_s_own(
+    launch: Launch, bucket: str
+) -> None:
+    """The SDK knows the regions without Debugger (sagemaker.fw_utils) and raises a bare
+    ValueError for a hook config there; auto does not ask, service says so in one line."""
+    done = launch.ok("train", "--bucket", bucket, "--no-wait", "--region", "ap-southeast-3")
+    assert (
+        "SageMaker Debugger is not offered in ap-southeast-3: the job records its own tensors "
+        "(save_tensors=true) for launch report"
+    ) in done.stdout.splitlines()
+    (request,) = launch.sent("SageMaker.CreateTrainingJob")
+    assert "DebugHookConfig" not in request
+    assert request["HyperParameters"] == {"save_tensors": "true"}
+    line = one_line_error(
+        launch("train", "--bucket", bucket, "--region", "ap-southeast-3", "--debugger", "service")
+    )
+    assert line == (
+        "launch: --debugger service: SageMaker Debugger is not offered in ap-southeast-3; use "
+        "--debugger auto or off"
     )

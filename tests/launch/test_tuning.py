@@ -60,7 +60,11 @@ def test_tune_sends_ranges_objective_metrics_and_limits(launch: Launch, bucket: 
     assert spec["MetricDefinitions"] == METRIC_DEFINITIONS  # given to the tuner, not inherited
     assert spec["TrainingImage"] == launch.common[3]
     assert spec["TrainingInputMode"] == "FastFile"
-    assert definition["StaticHyperParameters"] == {"epochs": "6", "arch": "resnet34"}
+    # --debugger auto: a tuning job's jobs cannot have Debugger; each records its own tensors.
+    assert definition["StaticHyperParameters"] == {
+        "epochs": "6", "arch": "resnet34", "save_tensors": "true"
+    }  # fmt: skip
+    assert not {"DebugHookConfig", "DebugRuleConfigurations", "ProfilerConfig"} & set(definition)
     assert definition["HyperParameterTuningResourceConfig"]["InstanceType"] == "ml.g4dn.xlarge"
     assert definition["HyperParameterTuningResourceConfig"]["InstanceCount"] == 1
     sources = {
@@ -92,6 +96,21 @@ def test_hyperband_turns_early_stopping_off_and_sets_resources(launch: Launch, b
         for c in job["TrainingJobDefinition"]["InputDataConfig"]
     }
     assert sources["train"] == "s3://elsewhere/train"
+
+
+def test_debugger_service_is_refused_and_off_records_no_tensors(
+    launch: Launch, bucket: str
+) -> None:
+    line = one_line_error(launch("tune", "--bucket", bucket, "--debugger", "service"))
+    assert line.startswith(
+        "launch: --debugger service: a tuning job's training jobs cannot have SageMaker Debugger "
+        "(HyperParameterTrainingJobDefinition has no DebugHookConfig): use --debugger auto"
+    )
+    done = launch.ok("tune", "--bucket", bucket, "--no-wait", "--debugger", "off")
+    job = launch.client("sagemaker").describe_hyper_parameter_tuning_job(
+        HyperParameterTuningJobName=_name(done.stdout)
+    )
+    assert "save_tensors" not in job["TrainingJobDefinition"].get("StaticHyperParameters", {})
 
 
 def test_tuned_names_cannot_be_static(launch: Launch, bucket: str) -> None:
