@@ -37,6 +37,7 @@ COMMANDS: dict[str, str] = {
     "deploy": "launch.hosting",
     "cleanup": "launch.cleanup",
     "explain": "launch.explain",
+    "doctor": "launch.doctor",
 }
 
 

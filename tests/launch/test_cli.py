@@ -18,6 +18,7 @@ ALL = [
     "transform",
     "explain",
     "cleanup",
+    "doctor",
 ]
 
 
