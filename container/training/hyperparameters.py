@@ -101,9 +101,8 @@ class Hyperparameters(HyperparameterSchema):
     save_tensors: bool = Field(
         False,
         description="Without a debughookconfig.json, record smdebug tensors anyway (losses every "
-        "step; gradients, weights, biases every 10 steps: about 90 MB a time for resnet18) to "
-        "output/data/debug-tensors, which reaches S3 in output.tar.gz; a debughookconfig.json, "
-        "when present, decides instead.",
+        "step, gradient norms at most 100 times: a few MB) to output/data/debug-tensors, which "
+        "reaches S3 in output.tar.gz; a debughookconfig.json, when present, decides instead.",
     )
 
     @model_validator(mode="after")

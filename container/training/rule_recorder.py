@@ -48,7 +48,7 @@ def gradient_interval(debug_config: Path) -> int:
 
     From debughookconfig.json when SageMaker wrote one (the collection's own save_interval, else
     the hook's, else smdebug's default of 500, smdebug/core/save_config.py); without one,
-    `SAVE_INTERVAL`, what `save_tensors` and `launch train` save at.
+    `SAVE_INTERVAL`, launch train's default; `save_tensors` saves at a multiple of it.
     """
     try:
         config = json.loads(debug_config.read_text())
