@@ -19,7 +19,7 @@ Options:
   --repository NAME      ECR repository (default: sagemaker-dog-classifier)
   --tag VERSION          image version (default: 'git describe --tags --always --dirty', outside a
                          git checkout the version in pyproject.toml)
-  --build-arg K=V        for docker build, repeatable: BASE_IMAGE, TORCH_INDEX_URL, BAKE_WEIGHTS
+  --build-arg K=V        for docker build, repeatable: BASE_IMAGE, TORCH_INDEX_URL, TORCH_CUDA, BAKE_WEIGHTS
   --registry HOST[:PORT] push there instead of ACCOUNT.dkr.ecr.REGION.amazonaws.com (a VPC endpoint
                          or private registry)
   --dry-run              print the commands (pasteable after "+ ") and the URI; change nothing
