@@ -350,7 +350,8 @@ measured by `bench/image.py`. MB and GB are 10^6 and 10^9 bytes, as docker print
 `{settings.image}` (`{m.image_id[7:19]}`), the CUDA flavour as the container tests build it:
 `--build-arg TORCH_INDEX_URL= --build-arg TORCH_CUDA=13.0 --build-arg BAKE_WEIGHTS=0`
 on a Debian bookworm base, so PyPI's torch {torch} ({_cuda_version(files)}, its CUDA libraries as
-pip packages) and no baked weights, since neither download.pytorch.org nor the weights host is reachable here. The Dockerfile's
+pip packages) and no baked weights, since neither download.pytorch.org nor the weights host
+is reachable here. The Dockerfile's
 defaults install the cu126 build instead (not measured) and add ResNet-18's ImageNet weights
 (about 47 MB) in /opt/torch. Sizes count the bytes of regular files, as docker's Size does
 (folders and repeated hard links not), from a walk of a container's file system and from each
@@ -372,7 +373,8 @@ would save {_mb(files.size(["triton"]))} MB (not tried: torch's CUDA wheel requi
 {cpu_terms}
 
 The CPU flavour (`--build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
---build-arg TORCH_CUDA=cpu`) cannot be built here: download.pytorch.org is not reachable. Its size is computed from the measured CUDA
+--build-arg TORCH_CUDA=cpu`) cannot be built here: download.pytorch.org is not reachable. Its
+size is computed from the measured CUDA
 image: out go the packages torch's CUDA wheel requires and its CPU wheel does not (compare the
 two wheels' `Requires-Dist`: the CUDA libraries above and triton) and the CUDA torch itself; in
 comes the CPU-only torch wheel on this disk, installed with `pip install --no-deps --target` and
