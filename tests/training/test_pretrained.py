@@ -59,7 +59,9 @@ def test_weights_named_by_hyperparameter_among_other_files(job: Job, tmp_path: P
 
     absolute = _imagenet_like(tmp_path / "elsewhere" / "weights.pth", seed=3)
     job.set_channels("train", "valid")
-    job.set_hyperparameters(HEAD_ONLY, pretrained_weights=tmp_path / "elsewhere" / "weights.pth")
+    job.set_hyperparameters(
+        HEAD_ONLY, pretrained_weights=str(tmp_path / "elsewhere" / "weights.pth")
+    )
     for file in (job.base / "checkpoints").iterdir():
         file.unlink()
     assert job.run().returncode == 0
