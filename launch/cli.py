@@ -95,6 +95,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # while the container starts; the container's own log, which local mode streams, says more.
     for name in ("sagemaker.local", "urllib3.connectionpool"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # The SDK logs a pointer to its troubleshooting guide before re-raising a refused Create*
+    # call; launch's own one-line error says what to do (or, for --debugger auto, retries).
+    for name in ("sagemaker", "sagemaker.estimator"):
+        logging.getLogger(name).addFilter(
+            lambda record: "troubleshooting guide" not in str(record.msg)
+        )
     # A telemetry ping that fails (offline, as local mode may be) is no traceback for the user.
     logging.getLogger("sagemaker.telemetry.telemetry_logging").addFilter(
         lambda record: record.exc_info is None

@@ -222,6 +222,7 @@ def test_auto_starts_the_job_again_without_debugger_when_refused(
     name = _name(done.stdout)
     assert RETRY.format(name) in done.stdout.splitlines()
     assert "Traceback" not in done.stderr
+    assert "troubleshooting guide" not in done.stderr  # the SDK's; the retry line says more
     (first,) = refusing.refused
     assert first["TrainingJobName"] == name
     assert {"DebugHookConfig", "DebugRuleConfigurations"} <= set(first)
@@ -247,6 +248,8 @@ def test_service_fails_in_one_line_when_refused(
     )  # fmt: skip
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr
+    assert "troubleshooting guide" not in done.stderr
+    # Above it, the SDK's own progress lines (INFO), as for every job launch starts.
     assert done.stderr.splitlines()[-1] == (
         f"launch: --debugger service: CreateTrainingJob refused Debugger (ValidationException: "
         f"{REFUSAL}); Debugger is closed to accounts new since 2026-07-30: use --debugger auto "
