@@ -346,7 +346,9 @@ def train_epochs(
                 with parts.profiler.phase("checkpoint"):
                     if state.best.epoch == state.epoch:
                         write_model(parts, state, {"val_acc": result.accuracy})
-                    save_checkpoint(settings.checkpoint_dir, snapshot(parts, state))
+                    if state.epoch % hp.checkpoint_epochs == 0 or state.epoch == hp.epochs:
+                        save_checkpoint(settings.checkpoint_dir, snapshot(parts, state))
+                        logger.info("Checkpoint saved after epoch %d", state.epoch)
             parts.profiler.end_epoch(state.epoch, stats.images)
         return True
     finally:

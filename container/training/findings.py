@@ -496,8 +496,9 @@ def _checkpoints(profile: Mapping[str, Any]) -> Finding:
         "Every epoch ends by writing last.pt (model, optimiser state and best weights, about 3x "
         "the model) to the checkpoint dir, and model.pt when the epoch is the best so far. That "
         "is what makes a stopped or spot-interrupted job resume, and it weighs only when epochs "
-        "are this short: a larger train channel makes the share small. No hyperparameter "
-        "checkpoints less often.",
+        "are this short: a larger train channel makes the share small. To write last.pt less "
+        "often, raise checkpoint_epochs (a stop or spot interruption still writes one; a job "
+        "killed without warning redoes up to that many epochs).",
         numbers,
         limits,
         rule,

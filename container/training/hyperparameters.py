@@ -88,6 +88,13 @@ class Hyperparameters(HyperparameterSchema):
     processes_per_host: int | Literal["auto"] = Field(
         "auto", description="Training processes per host; auto = one per GPU, or 1 on CPU."
     )
+    checkpoint_epochs: int = Field(
+        1,
+        ge=1,
+        description="Epochs between checkpoints (last.pt); the last epoch and a stop (SIGTERM, "
+        "spot interruption) always write one. Raise it when writing checkpoints takes a large "
+        "share of short epochs (profile.json says).",
+    )
     max_bad_images: float = Field(
         0.05,
         ge=0,

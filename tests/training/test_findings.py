@@ -320,6 +320,7 @@ def test_checkpoints_outweighing_short_epochs_are_found(short_epochs: tuple[Job,
     findings = _findings(job)
     assert findings["checkpoints"]["verdict"] == "issues_found", findings["checkpoints"]
     assert "Profiler: Time lost to checkpoints:" in run.stderr
+    assert "raise checkpoint_epochs" in findings["checkpoints"]["recommendation"]
     # The rest of this healthy run stays quiet.
     assert {n: f["verdict"] for n, f in findings.items() if n != "checkpoints"} == {
         "initialization": "ok",
@@ -388,3 +389,15 @@ def test_a_hook_config_wins_over_save_tensors(
     assert "save_tensors ignored: " in run.stderr
     assert not (job.opt_ml.output_data_dir / "debug-tensors").exists()
     assert create_trial(str(theirs)).tensor_names(collection="losses")
+
+
+def test_checkpoint_epochs_writes_last_pt_less_often(tmp_path: Path, tiny: Path) -> None:
+    """What the checkpoints finding recommends: every 2nd epoch, and always the last."""
+    job = _job(tmp_path, tiny, epochs=3, checkpoint_epochs=2)
+    run = job.run(wrapper=ONE_CPU)
+    assert run.returncode == 0, run.stderr
+    saved = [
+        line.rsplit(" ", 1)[-1] for line in run.stderr.splitlines() if "Checkpoint saved" in line
+    ]
+    assert saved == ["2", "3"]
+    assert (job.opt_ml.default_checkpoint_dir / "last.pt").is_file()
