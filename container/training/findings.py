@@ -474,61 +474,52 @@ def _share_per_epoch(
     }
 
 
-def _checkpoints(profile: Mapping[str, Any]) -> Finding:
-    name, title, rule = "checkpoints", "Time lost to checkpoints", "ProfilerReport (others)"
+def _between_steps(
+    profile: Mapping[str, Any], phase: str, name: str, title: str, doing: str, advice: str
+) -> Finding:
+    """A phase that runs between an epoch's training steps (checkpoints, evaluation): an issue
+    above the ProfilerReport's 25% for "others", judged on the median epoch."""
+    rule = "ProfilerReport (others)"
     limits = {"threshold_percent": BETWEEN_STEPS_SHARE}
     if not any(e["wall_s"] > 0 for e in _epochs(profile)):
         return Finding(name, title, "not_evaluated", "No epoch completed.", rule=rule)
-    share, numbers = _share_per_epoch(profile, "checkpoint")
+    share, numbers = _share_per_epoch(profile, phase)
     message = (
-        f"Writing checkpoints took {share}% of each epoch (median; "
-        f"{numbers['seconds_per_epoch']} s per epoch against "
-        f"{numbers['train_seconds_per_epoch']} s of training steps; "
+        f"{doing} took {share}% of each epoch (median; {numbers['seconds_per_epoch']} s per "
+        f"epoch against {numbers['train_seconds_per_epoch']} s of training steps; "
         f"{numbers['total_percent']}% of all epoch time)."
     )
     if share <= BETWEEN_STEPS_SHARE:
         return Finding(name, title, "ok", message, numbers=numbers, thresholds=limits, rule=rule)
-    return Finding(
-        name,
-        title,
-        "issues_found",
-        message,
+    return Finding(name, title, "issues_found", message, advice, numbers, limits, rule)
+
+
+def _checkpoints(profile: Mapping[str, Any]) -> Finding:
+    return _between_steps(
+        profile,
+        "checkpoint",
+        "checkpoints",
+        "Time lost to checkpoints",
+        "Writing checkpoints",
         "Every epoch ends by writing last.pt (model, optimiser state and best weights, about 3x "
         "the model) to the checkpoint dir, and model.pt when the epoch is the best so far. That "
         "is what makes a stopped or spot-interrupted job resume, and it weighs only when epochs "
         "are this short: a larger train channel makes the share small. To write last.pt less "
         "often, raise checkpoint_epochs (a stop or spot interruption still writes one; a job "
         "killed without warning redoes up to that many epochs).",
-        numbers,
-        limits,
-        rule,
     )
 
 
 def _evaluation(profile: Mapping[str, Any]) -> Finding:
-    name, title, rule = "evaluation", "Time lost to evaluation", "ProfilerReport (others)"
-    limits = {"threshold_percent": BETWEEN_STEPS_SHARE}
-    if not any(e["wall_s"] > 0 for e in _epochs(profile)):
-        return Finding(name, title, "not_evaluated", "No epoch completed.", rule=rule)
-    share, numbers = _share_per_epoch(profile, "evaluation")
-    message = (
-        f"Evaluating on the valid channel took {share}% of each epoch "
-        f"(median; {numbers['seconds_per_epoch']} s per epoch against "
-        f"{numbers['train_seconds_per_epoch']} s of training steps)."
-    )
-    if share <= BETWEEN_STEPS_SHARE:
-        return Finding(name, title, "ok", message, numbers=numbers, thresholds=limits, rule=rule)
-    return Finding(
-        name,
-        title,
-        "issues_found",
-        message,
+    return _between_steps(
+        profile,
+        "evaluation",
+        "evaluation",
+        "Time lost to evaluation",
+        "Evaluating on the valid channel",
         "Every epoch ends with a pass over the whole valid channel: a smaller valid channel "
         "(10-20% of the training images is common) makes it cheaper; if its images are large, "
         f"{_resize_advice(_setup(profile))}.",
-        numbers,
-        limits,
-        rule,
     )
 
 
