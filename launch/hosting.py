@@ -27,7 +27,7 @@ from launch.image import (
     ENDPOINT,
     SERVE_DEVICE,
     HostPlan,
-    add_image_cuda_argument,
+    add_host_arguments,
     image_cuda,
     plan_host,
     read_label,
@@ -75,15 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="ContainerStartupHealthCheckTimeoutInSeconds, 60-3600 (SageMaker's default: 8 min)",
     )
-    parser.add_argument(
-        "--inference-ami-version",
-        metavar="AMI",
-        help="the host AMI, which fixes the GPU driver: "
-        + ", ".join(f"{ami.name} (driver {ami.driver})" for ami in ENDPOINT.amis)
-        + " (default on GPU types: the oldest whose driver runs the image's CUDA; none on CPU "
-        "types)",
-    )
-    add_image_cuda_argument(parser)
+    add_host_arguments(parser, ENDPOINT)
     parser.add_argument(
         "--serverless",
         action="store_true",

@@ -55,7 +55,7 @@ __all__ = [
     "AmiSetting",
     "HostPlan",
     "Label",
-    "add_image_cuda_argument",
+    "add_host_arguments",
     "fetch_config",
     "image_cuda",
     "plan_host",
@@ -115,8 +115,16 @@ class HostPlan:
     serve_on_gpu: bool
 
 
-def add_image_cuda_argument(parser: argparse.ArgumentParser) -> None:
-    """The `--image-cuda` flag of `deploy` and `transform`."""
+def add_host_arguments(parser: argparse.ArgumentParser, setting: AmiSetting) -> None:
+    """The AMI flag (`setting.flag`) and `--image-cuda` of `deploy` and `transform`."""
+    parser.add_argument(
+        setting.flag,
+        metavar="AMI",
+        help=f"{setting.field}, the host AMI, which fixes the GPU driver: "
+        + ", ".join(f"{ami.name} (driver {ami.driver})" for ami in setting.amis)
+        + " (default on GPU types: the oldest whose driver runs the image's CUDA; none on CPU "
+        "types)",
+    )
     parser.add_argument(
         "--image-cuda",
         metavar="VERSION",

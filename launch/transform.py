@@ -41,7 +41,7 @@ from container.class_names import class_name
 from launch import local_mode
 from launch.aws import Aws, console_url, job_name
 from launch.errors import LaunchError
-from launch.image import BATCH, SERVE_DEVICE, add_image_cuda_argument, image_cuda, plan_host
+from launch.image import BATCH, SERVE_DEVICE, add_host_arguments, image_cuda, plan_host
 from launch.settings import Common
 
 __all__ = ["HELP", "Outcome", "add_arguments", "run", "score"]
@@ -114,15 +114,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"requests in flight per instance (default: the container's /execution-parameters; "
         f"times {MAX_PAYLOAD_MB} MB must stay within 100)",
     )
-    parser.add_argument(
-        "--transform-ami-version",
-        metavar="AMI",
-        help="TransformResources.TransformAmiVersion, which fixes the GPU driver: "
-        + ", ".join(f"{ami.name} (driver {ami.driver})" for ami in BATCH.amis)
-        + " (default on GPU types: the oldest whose driver runs the image's CUDA; none on CPU "
-        "types)",
-    )
-    add_image_cuda_argument(parser)
+    add_host_arguments(parser, BATCH)
     parser.add_argument(
         "--invocations-timeout", type=int, default=600, help="seconds per image (default: 600)"
     )
