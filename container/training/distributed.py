@@ -214,13 +214,14 @@ def all_reduce_sum(tensor: torch.Tensor, rank: Rank) -> torch.Tensor:
     return tensor
 
 
-def any_true(flag: bool, rank: Rank, device: torch.device) -> bool:
-    """True on every process when it is true on any: ranks must stop at the same step."""
+def any_true(flags: tuple[bool, ...], rank: Rank, device: torch.device) -> tuple[bool, ...]:
+    """Each flag true on every process when it is true on any, in one all-reduce: ranks must
+    stop at the same step."""
     if not rank.distributed:
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
+        return flags
+    value = torch.tensor([1.0 if flag else 0.0 for flag in flags], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    return tuple(bool(v) for v in value.tolist())
 
 
 def broadcast_object(obj: T | None, rank: Rank) -> T:

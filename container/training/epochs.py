@@ -147,12 +147,13 @@ def _after_step(
         step, finite = next(steps), math.isfinite(loss)
         if recorder is not None:
             recorder.record_step(step, loss)
-        if distributed.any_true(not finite, rank, device):
+        diverged, stopping = distributed.any_true((not finite, bool(stop)), rank, device)
+        if diverged:
             if recorder is not None:
                 recorder.diverged(step, state.history, parts.steps_per_epoch)
             what = f"the training loss became {loss}" if not finite else "another process's loss"
             raise divergence_error(what, step, parts.settings.hp.lr, hw.precision)
-        return distributed.any_true(bool(stop), rank, device)
+        return stopping
 
     return after_step
 
