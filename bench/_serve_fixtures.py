@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-from container.images import Preprocessing
+from container.decoding import Preprocessing
 from container.model import CLASSES_FILE, WEIGHTS_FILE, build, save_artifact
 
 __all__ = ["ARCH", "NUM_CLASSES", "ImageSet", "make_artifact", "make_photos"]

@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from container.images import IMAGENET_MEAN, IMAGENET_STD
+from container.decoding import IMAGENET_MEAN, IMAGENET_STD
 from container.training.hyperparameters import Hyperparameters
 from container.training.optim import build_optimizer, build_scheduler
 

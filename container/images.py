@@ -1,150 +1,22 @@
-"""Bytes to tensors: the one preprocessing path shared by training, evaluation and serving.
+"""Tensors from decoded images: augmentation crops, uint8 HWC tensors and batch normalisation.
 
-Images are decoded with Pillow (JPEGs at reduced DCT scale when the target is much smaller), cropped
-and resized in one resampling step, and handed on as uint8 HWC tensors. Normalisation happens on a
-whole batch, on the model's device: a stack of HWC images is already an NCHW channels-last batch, so
-no per-image float copies are made and DataLoader workers ship 4x fewer bytes through shared memory.
+Decoding lives in `container.decoding` (no torch, so decoder processes stay small); this module
+takes its RGB images on. Normalisation happens on a whole batch, on the model's device: a stack of
+HWC images is already an NCHW channels-last batch, so no per-image float copies are made and
+DataLoader workers ship 4x fewer bytes through shared memory.
 """
 
 from __future__ import annotations
 
-import io
 import math
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
-__all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "ImageDecodeError",
-    "ImageTooLargeError",
-    "Preprocessing",
-    "decode",
-    "eval_box",
-    "eval_crop",
-    "normalize",
-    "random_resized_box",
-    "random_resized_crop",
-    "to_uint8_hwc",
-]
+from container.decoding import REDUCING_GAP, RESAMPLE, Preprocessing
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-_RESAMPLE = Image.Resampling.BILINEAR
-# Pillow first shrinks by an integer factor with a box filter while the image is more than this
-# many times the target; at 3 the result is indistinguishable from a full resample and much faster.
-_REDUCING_GAP = 3.0
-_WHITE = (255, 255, 255)
-
-
-class ImageDecodeError(ValueError):
-    """Raised when bytes cannot be decoded into an image (corrupt, truncated, not an image)."""
-
-
-class ImageTooLargeError(ImageDecodeError):
-    """Raised, before decoding, for an image with more pixels than allowed (decompression bomb)."""
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How a model's inputs are made; stored in the model artifact so `serve` does the same."""
-
-    image_size: int = 224
-    resize_size: int = 256
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    version: int = 1
-
-    @classmethod
-    def for_image_size(cls, image_size: int) -> Preprocessing:
-        """The usual 0.875 centre-crop ratio: 224 -> resize 256, crop 224."""
-        return cls(image_size=image_size, resize_size=round(image_size / 0.875))
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Preprocessing:
-        return cls(
-            image_size=int(data["image_size"]),
-            resize_size=int(data["resize_size"]),
-            mean=tuple(float(v) for v in data["mean"]),  # type: ignore[arg-type]
-            std=tuple(float(v) for v in data["std"]),  # type: ignore[arg-type]
-            version=int(data["version"]),
-        )
-
-
-def decode(
-    source: bytes | Path, *, min_side: int | None = None, max_pixels: int | None = None
-) -> Image.Image:
-    """Decode an image file to an RGB Pillow image, upright per its EXIF orientation.
-
-    With `min_side`, a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both
-    sides >= min_side: a 6 MP photo for a 256 px target decodes ~3x faster. With `max_pixels`, an
-    image that would still decode to more pixels is refused from its header alone, before any
-    memory is spent on it. Transparent images are composited on white (what a viewer shows), not
-    stripped to whatever colour hides under alpha.
-    """
-    try:
-        # Reading the bytes first means no file handle outlives a failed decode.
-        data = source if isinstance(source, bytes) else source.read_bytes()
-        opened = Image.open(io.BytesIO(data))
-        if min_side is not None and opened.format == "JPEG":
-            opened.draft("RGB", (min_side, min_side))
-        width, height = opened.size
-        if max_pixels is not None and width * height > max_pixels:
-            raise ImageTooLargeError(
-                f"the image decodes to {width}x{height} pixels ({width * height / 1e6:.0f} MP), "
-                f"more than the {max_pixels / 1e6:.0f} MP allowed; send a smaller image"
-            )
-        opened.load()
-        return _to_rgb(ImageOps.exif_transpose(opened))
-    except ImageTooLargeError:
-        raise
-    except Image.DecompressionBombError as exc:  # Pillow's own limit, checked when it opens
-        raise ImageTooLargeError(f"{exc}; send a smaller image") from exc
-    # Pillow signals corrupt input with many exception types (OSError, SyntaxError, struct.error,
-    # DecompressionBombError, ...); at this boundary every one of them means "not a usable image".
-    except Exception as exc:
-        raise ImageDecodeError(f"{type(exc).__name__}: {exc}") from exc
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode == "RGB":
-        return image  # convert() would copy it for nothing
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGB", rgba.size, _WHITE)
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit greyscale: scale to 8 bits instead of letting convert() clip at 255.
-        array = np.asarray(image, dtype=np.uint32) >> 8
-        image = Image.fromarray(array.astype(np.uint8), mode="L")
-    return image.convert("RGB")
-
-
-def eval_box(size: tuple[int, int], prep: Preprocessing) -> tuple[float, float, float, float]:
-    """The square of the source image that evaluation sees: `resize_size` short side, centred
-    `image_size` crop, in source pixels (left, top, right, bottom)."""
-    width, height = size
-    side = prep.image_size * min(width, height) / prep.resize_size
-    left, top = (width - side) / 2, (height - side) / 2
-    return left, top, left + side, top + side
-
-
-def eval_crop(image: Image.Image, prep: Preprocessing) -> Image.Image:
-    """Resize the short side to `resize_size` and centre-crop `image_size`, in one resample."""
-    size = (prep.image_size, prep.image_size)
-    return image.resize(size, _RESAMPLE, box=eval_box(image.size, prep), reducing_gap=_REDUCING_GAP)
+__all__ = ["normalize", "random_resized_box", "random_resized_crop", "to_uint8_hwc"]
 
 
 def random_resized_box(
@@ -182,7 +54,7 @@ def random_resized_box(
 def random_resized_crop(image: Image.Image, size: int, generator: torch.Generator) -> Image.Image:
     """A random crop (see `random_resized_box`) resized to size x size in one resampling step."""
     box = random_resized_box(*image.size, generator)
-    return image.resize((size, size), _RESAMPLE, box=box, reducing_gap=_REDUCING_GAP)
+    return image.resize((size, size), RESAMPLE, box=box, reducing_gap=REDUCING_GAP)
 
 
 def to_uint8_hwc(image: Image.Image) -> torch.Tensor:

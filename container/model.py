@@ -24,7 +24,7 @@ from torch import nn
 from torchvision import models
 
 from container.class_names import class_name
-from container.images import Preprocessing
+from container.decoding import Preprocessing
 
 __all__ = [
     "ARCHITECTURES",

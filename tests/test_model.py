@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from container.images import Preprocessing
+from container.decoding import Preprocessing
 from container.model import (
     ArtifactError,
     backbone,

@@ -20,14 +20,8 @@ import torch
 from torch.utils.data import Dataset
 
 from container.archives import ArchiveError, is_archive, unpack_once
-from container.images import (
-    ImageDecodeError,
-    Preprocessing,
-    decode,
-    eval_crop,
-    random_resized_crop,
-    to_uint8_hwc,
-)
+from container.decoding import DecodeLimits, ImageDecodeError, Preprocessing, decode, eval_crop
+from container.images import random_resized_crop, to_uint8_hwc
 from container.model import class_name
 from container.sagemaker_env import Channel
 from container.training.errors import DataError
@@ -51,6 +45,8 @@ OPTIONAL_CHANNELS = ("test",)
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 # Probe decodes run JPEGs at 1/8 DCT scale: cheap, yet they read every byte, so truncation shows.
 _PROBE_SIDE = 32
+# The server's defaults: an image too large for the endpoint to accept is not trained on either.
+_LIMITS = DecodeLimits()
 _MAX_WRAPPER_DEPTH = 3
 
 
@@ -117,9 +113,9 @@ class ImageFolderDataset(Dataset[tuple[torch.Tensor, int]]):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
         try:
-            image = decode(Path(path), min_side=self.prep.resize_size)
+            image = decode(Path(path), min_side=self.prep.resize_size, limits=_LIMITS)
         except ImageDecodeError as exc:
-            raise DataError(f"{path} became unreadable during training: {exc}") from exc
+            raise DataError(f"{path} became unreadable during training: {_reason(exc)}") from exc
         if not self.augment:
             return to_uint8_hwc(eval_crop(image, self.prep)), label
         generator = torch.Generator().manual_seed(
@@ -155,7 +151,7 @@ def _channel_root(channel: Channel, scratch: Path) -> Path:
         try:
             root = unpack_once(entries[0], scratch / channel.name)
         except ArchiveError as exc:
-            raise DataError(f"{exc}; upload a valid .zip or .tar.gz") from exc
+            raise DataError(str(exc)) from exc  # it says what to do
     for _ in range(_MAX_WRAPPER_DEPTH):
         entries = _visible(root)
         dirs = [p for p in entries if p.is_dir()]
@@ -174,12 +170,16 @@ def _has_subdirs(folder: Path) -> bool:
 
 
 def _class_images(root: Path) -> dict[str, list[Path]]:
-    """Class folder -> its image files (searched recursively, like torchvision's ImageFolder)."""
+    """Class folder -> its image files (searched recursively, like torchvision's ImageFolder).
+
+    Links to folders inside a class folder are not followed: a link to `.` or to a parent would make
+    the walk endless. A class folder may itself be a link.
+    """
     found: dict[str, list[Path]] = {}
     for folder in (p for p in _visible(root) if p.is_dir()):
         images = sorted(
             Path(dirpath) / name
-            for dirpath, _, names in os.walk(folder, followlinks=True)
+            for dirpath, _, names in os.walk(folder, followlinks=False)
             for name in names
             if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
         )
@@ -253,10 +253,15 @@ def find_images(channels: dict[str, Channel], scratch: Path) -> FoundImages:
 
 def _probe(path: Path) -> BadImage | None:
     try:
-        decode(path, min_side=_PROBE_SIDE)
-    except ImageDecodeError as exc:
-        return BadImage(str(path), str(exc))
+        decode(path, min_side=_PROBE_SIDE, limits=_LIMITS)
+    except ImageDecodeError as exc:  # over the pixel limit included: ImageTooLargeError
+        return BadImage(str(path), _reason(exc))
     return None
+
+
+def _reason(exc: ImageDecodeError) -> str:
+    """The message, and what the decoder said (the job's own log and report, not a client's)."""
+    return f"{exc} ({exc.detail})" if exc.detail else str(exc)
 
 
 def probe_images(found: FoundImages, threads: int) -> dict[str, list[BadImage]]:

@@ -39,7 +39,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from container.images import Preprocessing
+from container.decoding import Preprocessing
 from container.training import _html
 
 __all__ = ["Finding", "Verdict", "findings_html", "judge", "log_issues"]

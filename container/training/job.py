@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from container.decoding import Preprocessing
 from container.devices import describe_cuda
-from container.images import Preprocessing
 from container.model import ArtifactError, build, load_backbone_weights
 from container.sagemaker_env import write_failure
 from container.training import distributed, findings, metrics

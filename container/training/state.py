@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torchvision.models import ResNet
 
-from container.images import Preprocessing
+from container.decoding import Preprocessing
 from container.training.data import DatasetSplits
 from container.training.distributed import Rank
 from container.training.hardware import Hardware

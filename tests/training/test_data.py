@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import shutil
+import struct
 import tarfile
 import zipfile
+import zlib
 from pathlib import Path
 
 import pytest
 
-from container.images import Preprocessing
+from container.decoding import Preprocessing
 from container.sagemaker_env import Channel
 from container.training.data import (
     DatasetSplits,
@@ -195,3 +197,38 @@ def test_dataset_items_are_uint8_hwc(dataset: Path, tmp_path: Path) -> None:
         assert pixels.shape == (48, 48, 3)
         assert str(pixels.dtype) == "torch.uint8"
         assert label == 0
+
+
+def test_links_to_folders_inside_a_class_folder_are_not_followed(
+    data: Path, tmp_path: Path
+) -> None:
+    """A link to `.` or to a parent would make the walk endless, or list images twice."""
+    akita = data / "train" / "004.Akita"
+    (akita / "self").symlink_to(".", target_is_directory=True)
+    (akita / "parent").symlink_to("..", target_is_directory=True)
+    found = find_images(_channels(data, "train", "valid"), tmp_path / "scratch")
+    files = found.files["train"]["004.Akita"]
+    assert len(files) == len(set(files)) == 16
+    assert all(path.parent == akita for path in files)
+
+
+def test_an_image_over_the_pixel_limit_is_reported_as_unreadable(
+    data: Path, tmp_path: Path
+) -> None:
+    """Training decodes with the server's pixel cap: what the endpoint would refuse is skipped."""
+    huge = data / "train" / "004.Akita" / "huge.png"
+    huge.write_bytes(_png_header(8000, 6000))  # 48 MP; no image data is needed to refuse it
+    splits = _load(_channels(data, "train", "valid"), tmp_path / "scratch")
+    bad = {Path(b.path).name: b.reason for b in splits.train.bad}
+    assert bad["huge.png"].startswith("the image is 8000x6000 pixels (48 MP); the limit is 40 MP")
+    assert str(huge) not in {path for path, _ in splits.train.samples}
+
+
+def _png_header(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")

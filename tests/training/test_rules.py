@@ -16,7 +16,8 @@ import torch
 from torch import nn
 from torchvision.models import resnet18
 
-from container.images import Preprocessing, decode, eval_crop, normalize, to_uint8_hwc
+from container.decoding import Preprocessing, decode, eval_crop
+from container.images import normalize, to_uint8_hwc
 from container.model import build
 from container.sagemaker_env import OptMl
 from container.training.debugger import SAVE_INTERVAL
