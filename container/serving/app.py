@@ -1,10 +1,16 @@
 """The HTTP surface SageMaker talks to: `/ping`, `/invocations` and `/execution-parameters`.
 
 The socket opens at once; the model loads on the model's thread in the background and `/ping` says
-503 (with the reason) until it has loaded and run a warm-up batch, then 200; a model that fails to
-load keeps it at 503 for good. `/ping` only reads that state, so it answers in milliseconds however
-busy inference is. An invocation is parsed on the event loop, its images are decoded on a thread
-pool in parallel, and their forward passes join whatever batch the batcher is gathering.
+503 (with the reason) until it has loaded and run a warm-up batch and the decoder processes are up;
+a model that fails to load keeps it at 503 for good. After that `/ping` is 200 only while the
+server can answer now: the batcher alive and not stalled, some decoder free to work, nothing queued
+longer than SERVE_STALL_S, and not every recent batch failing. It only reads state, so it answers
+in milliseconds however busy inference is.
+
+An invocation is admitted only if the images it holds fit the worker's queue (else a fast 503 with
+Retry-After); its body must arrive within SERVE_BODY_TIMEOUT_S; its images are decoded in the
+decoder processes, each charged to the request's budget from its header first; their forward
+passes join whatever batch the batcher is gathering. A client that disconnects cancels its work.
 """
 
 from __future__ import annotations
@@ -15,9 +21,9 @@ import math
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,11 +32,13 @@ import torch
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
+from container.decoding import DecodeLimits, ImageDecodeError, ImageTooLargeError
 from container.devices import CudaUnusableError
-from container.images import ImageDecodeError
 from container.model import ArtifactError
 from container.serving.batcher import Batcher, BatchResult
+from container.serving.budget import DECODE_LIMIT_SETTINGS, PixelTally, RequestBudget, over_limit
 from container.serving.codecs import (
     ImageInput,
     RequestOptions,
@@ -39,15 +47,19 @@ from container.serving.codecs import (
     parse_custom_attributes,
     read_inputs,
 )
+from container.serving.decode_worker import WorkerConfig
+from container.serving.decoders import DecoderPool
 from container.serving.errors import (
     BadRequestError,
+    ClientGoneError,
     NotReadyError,
     OverloadedError,
     PayloadTooLargeError,
+    RequestTimeoutError,
     ServingError,
 )
 from container.serving.predictor import Predictor, Prepared, load_predictor
-from container.serving.settings import ServeSettings
+from container.serving.settings import MiB, ServeSettings
 
 __all__ = ["CUSTOM_ATTRIBUTES", "app_from_environ", "create_app"]
 
@@ -60,10 +72,19 @@ _SCRATCH = Path("/tmp/serve-model")  # where a model.tar.gz is unpacked; /opt/ml
 _MAX_NAMED_ERRORS = 5
 
 
+_QUEUED_BATCHES = 16  # the default queue per worker, in batches
+
+
 def _default_batch_size(settings: ServeSettings) -> int:
     if settings.max_batch_size is not None:
         return settings.max_batch_size
     return 64 if settings.device != "cpu" and torch.cuda.is_available() else 16
+
+
+def _decoder_count(settings: ServeSettings) -> int:
+    if settings.decoders is not None:
+        return settings.decoders
+    return max(2, len(os.sched_getaffinity(0)) // settings.workers)
 
 
 @dataclass
@@ -72,16 +93,20 @@ class ServerState:
 
     settings: ServeSettings
     predictor: Predictor | None = None
-    failure: str | None = None
+    decoders: DecoderPool | None = None
+    failure: str | None = None  # why the model will never serve; safe to show clients
     max_batch_size: int = field(init=False)
+    max_queued_images: int = field(init=False)
+    queued_images: int = 0  # admitted and not yet answered
 
     def __post_init__(self) -> None:
         self.max_batch_size = _default_batch_size(self.settings)
+        self.max_queued_images = (
+            self.settings.max_queued_images or _QUEUED_BATCHES * self.max_batch_size
+        )
+        self.budget = RequestBudget.from_settings(self.settings)
         # One thread runs every forward pass: batches form while it is busy.
         self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
-        self.decoders = ThreadPoolExecutor(
-            max(2, len(os.sched_getaffinity(0))), thread_name_prefix="decode"
-        )
         self.batcher: Batcher[torch.Tensor, torch.Tensor] = Batcher(
             self._predict,
             self.model_thread,
@@ -122,48 +147,138 @@ class ServerState:
             logger.error("Not serving: %s", self.failure)
             return
         except ArtifactError as exc:
-            self.failure = f"the model cannot be loaded: {exc}"
-            logger.error("Not serving: %s", self.failure)
+            # What was found (paths, a listing) goes to the log, not to every client.
+            self.failure = "the model artifact cannot be loaded; the server log says why"
+            logger.error("Not serving: the model cannot be loaded: %s", exc)
             return
-        except Exception as exc:  # whatever it was, /ping must say 503 for good, with the reason
-            self.failure = f"loading the model failed: {type(exc).__name__}: {exc}"
-            logger.exception("Not serving: %s", self.failure)
+        except Exception as exc:  # whatever it was, /ping must say 503 for good
+            self.failure = f"loading the model failed ({type(exc).__name__}); see the server log"
+            logger.exception("Not serving: loading the model failed")
             return
         predictor = self.predictor
+        self.predictor = None  # not ready until the decoders are
+        decoders = DecoderPool(
+            _decoder_count(settings),
+            WorkerConfig(
+                predictor.prep,
+                DecodeLimits(
+                    settings.max_image_pixels,
+                    settings.max_jpeg_scans,
+                    settings.decode_memory_mb * MiB,
+                ),
+                settings.decode_memory_mb * MiB,
+            ),
+            settings.decode_timeout_s,
+        )
+        await decoders.start()
+        self.decoders, self.predictor = decoders, predictor
         logger.info(
-            "Ready in %.1f s: %d classes, model version %s, %s, batches of up to %d",
+            "Ready in %.1f s: %d classes, model version %s, %s, batches of up to %d, "
+            "%d decoder processes, up to %d images queued",
             time.monotonic() - started,
             len(predictor.classes),
             predictor.model_version,
             predictor.form,
             self.max_batch_size,
+            _decoder_count(settings),
+            self.max_queued_images,
         )
 
     async def stop(self) -> None:
         if self._loading is not None:
             self._loading.cancel()
         await self.batcher.stop()
+        if self.decoders is not None:
+            await self.decoders.stop()
         self.model_thread.shutdown(wait=True, cancel_futures=True)
-        self.decoders.shutdown(wait=True, cancel_futures=True)
 
-    def ready(self) -> Predictor:
-        if self.predictor is not None:
-            return self.predictor
+    def ready(self) -> tuple[Predictor, DecoderPool]:
+        if self.predictor is not None and self.decoders is not None:
+            return self.predictor, self.decoders
         raise NotReadyError(self.failure or "the model is still loading; retry in a few seconds")
+
+    def health(self) -> str | None:
+        """None when a request would be answered now; else why not (what /ping says)."""
+        if self.predictor is None or self.decoders is None:
+            return self.failure or "the model is still loading"
+        stall_s = self.settings.stall_s
+        return self.batcher.health(stall_s) or self.decoders.health(stall_s)
+
+    def refuse_if_full(self, images: int) -> None:
+        """OverloadedError (503, Retry-After) when `images` more do not fit the queue (a request
+        finds room in an empty queue whatever its size)."""
+        if self.queued_images and self.queued_images + images > self.max_queued_images:
+            raise OverloadedError(
+                f"the server is busy ({self.queued_images} images queued; the limit is "
+                f"{self.max_queued_images}, SERVE_MAX_QUEUED_IMAGES); retry shortly"
+            )
+
+    @contextmanager
+    def admitted(self, images: int) -> Iterator[None]:
+        """Hold `images` places in the queue while the block runs; see `refuse_if_full`."""
+        self.refuse_if_full(images)
+        self.queued_images += images
+        try:
+            yield
+        finally:
+            self.queued_images -= images
 
 
 def _error(exc: ServingError, headers: dict[str, str]) -> JSONResponse:
     return JSONResponse(
-        {"error": exc.code, "message": exc.message}, status_code=exc.status, headers=headers
+        {"error": exc.code, "message": exc.message},
+        status_code=exc.status,
+        headers={**headers, **exc.headers},
     )
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it is known to be over `limit` bytes."""
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The body: 413 as soon as it is known to be over `limit` bytes, 408 if it is not all in
+    within `timeout_s` seconds."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await _receive_body(request, limit)
+    except TimeoutError:
+        raise RequestTimeoutError(
+            f"the body did not arrive within {timeout_s:g} s (SERVE_BODY_TIMEOUT_S)"
+        ) from None
+    except ClientDisconnect:
+        raise ClientGoneError("the client disconnected while sending the body") from None
+
+
+@asynccontextmanager
+async def _dropped_if_client_leaves(request: Request) -> AsyncIterator[None]:
+    """Cancel the work inside when the client disconnects (ClientGoneError instead)."""
+    task = asyncio.current_task()
+    assert task is not None
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        # With the body read, the server's next message for this request is the disconnect.
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        gone = True
+        task.cancel()
+
+    watcher = asyncio.get_running_loop().create_task(watch(), name="watch-client")
+    try:
+        yield
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+        task.uncancel()
+        raise ClientGoneError("the client disconnected; its work was dropped") from None
+    finally:
+        watcher.cancel()
+
+
+async def _receive_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    # (int() of thousands of digits is an error of its own: a 16-digit length is over anyway.)
+    if declared.isascii() and declared.isdigit() and (len(declared) > 15 or int(declared) > limit):
         raise PayloadTooLargeError(
-            f"the body is {int(declared)} bytes; the limit is {limit} bytes "
+            f"the body is {declared[:16]} bytes; the limit is {limit} bytes "
             "(SAGEMAKER_MAX_PAYLOAD_IN_MB)"
         )
     chunks, size = [], 0
@@ -175,6 +290,14 @@ async def _read_body(request: Request, limit: int) -> bytes:
             )
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _payload(item: ImageInput) -> tuple[bytes, tuple[int, ...] | None]:
+    """What a decoder is sent: encoded bytes (no shape), or RGB pixels and their shape."""
+    if item.pixels is not None:
+        return item.pixels.tobytes(), item.pixels.shape
+    assert item.data is not None
+    return item.data, None
 
 
 @dataclass
@@ -201,19 +324,27 @@ class _Invocation:
         options = parse_custom_attributes(headers.get(CUSTOM_ATTRIBUTES), self.settings.top_k)
         self.request_id = options.request_id or self.request_id
         media = choose_response_type(headers.get("accept"), self.settings.default_accept)
-        predictor = self.state.ready()
-        body = await _read_body(self.request, self.settings.max_payload_bytes)
-        inputs, many = await read_inputs(headers.get("content-type"), body)
+        predictor, decoders = self.state.ready()
+        self.state.refuse_if_full(1)  # before reading a body there is no room for
+        body = await _read_body(
+            self.request, self.settings.max_payload_bytes, self.settings.body_timeout_s
+        )
+        inputs, many = await read_inputs(headers.get("content-type"), body, self.state.budget)
+        del body  # the inputs hold what is needed of it
         self.timing.images = len(inputs)
-        async with asyncio.timeout(self.settings.timeout_s):
-            prepared = await self._prepare(predictor, inputs, options.explain)
-            results = await asyncio.gather(*(self.state.batcher.submit(p.pixels) for p in prepared))
-            records = [
-                self._record(predictor, p, r, options, many)
-                for p, r in zip(prepared, results, strict=True)
-            ]
-            if options.explain:
-                await self._explain(predictor, prepared, records)
+        async with _dropped_if_client_leaves(self.request):
+            with self.state.admitted(len(inputs)):
+                async with asyncio.timeout(self.settings.timeout_s):
+                    prepared = await self._prepare(decoders, inputs, options.explain)
+                    results = await asyncio.gather(
+                        *(self.state.batcher.submit(p.pixels) for p in prepared)
+                    )
+                    records = [
+                        self._record(predictor, p, r, options, many)
+                        for p, r in zip(prepared, results, strict=True)
+                    ]
+                    if options.explain:
+                        await self._explain(predictor, prepared, records)
         payload = encode(records, media, many, {"model_version": predictor.model_version})
         return Response(payload, media_type=media, headers=self.headers())
 
@@ -221,21 +352,12 @@ class _Invocation:
         return {CUSTOM_ATTRIBUTES: f"request_id={self.request_id}"}
 
     async def _prepare(
-        self, predictor: Predictor, inputs: list[ImageInput], explain: bool
+        self, decoders: DecoderPool, inputs: list[ImageInput], explain: bool
     ) -> list[Prepared]:
-        loop = asyncio.get_running_loop()
         started = time.monotonic()
+        tally = PixelTally(self.state.budget)
         outcomes = await asyncio.gather(
-            *(
-                loop.run_in_executor(
-                    self.state.decoders,
-                    predictor.prepare,
-                    item,
-                    self.settings.max_image_pixels,
-                    explain,
-                )
-                for item in inputs
-            ),
+            *(decoders.decode(item.name, *_payload(item), explain, tally.add) for item in inputs),
             return_exceptions=True,
         )
         self.timing.decode_s = time.monotonic() - started
@@ -244,16 +366,30 @@ class _Invocation:
             for item, o in zip(inputs, outcomes, strict=True)
             if isinstance(o, BaseException)
         ]
+        for item, outcome in failed:
+            if isinstance(outcome, ImageDecodeError) and outcome.detail:
+                logger.info("invocation %s: %s: %s", self.request_id, item.name, outcome.detail)
         for _, outcome in failed:
+            if isinstance(outcome, ServingError):  # the request's own budget
+                raise outcome
             if not isinstance(outcome, ImageDecodeError):
                 raise outcome
+        too_large = [(item, o) for item, o in failed if isinstance(o, ImageTooLargeError)]
+        if too_large:
+            item, exc = too_large[0]
+            setting = DECODE_LIMIT_SETTINGS.get(exc.limit, exc.limit)
+            raise over_limit(f"{item.name}: {exc}", setting)
         if failed:
             named = "; ".join(f"{item.name}: {exc}" for item, exc in failed[:_MAX_NAMED_ERRORS])
             what = (
                 "the image is" if len(inputs) == 1 else f"{len(failed)} of {len(inputs)} images are"
             )
             raise BadRequestError(f"{what} not usable: {named}")
-        return [o for o in outcomes if isinstance(o, Prepared)]
+        return [
+            Prepared(item.name, torch.from_numpy(o.pixels), o.image)
+            for item, o in zip(inputs, outcomes, strict=True)
+            if not isinstance(o, BaseException)
+        ]
 
     def _record(
         self,
@@ -326,10 +462,11 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
     @app.get("/ping")
     async def ping() -> Response:
-        """200 once the model is loaded and warmed up; 503 with the reason before, or for good."""
-        if state.predictor is not None:
+        """200 while the server can answer now; 503 with the reason when it cannot."""
+        reason = state.health()
+        if reason is None:
             return Response(status_code=200)
-        return _error(NotReadyError(state.failure or "the model is still loading"), {})
+        return _error(NotReadyError(reason), {})
 
     @app.post("/invocations")
     async def invocations(request: Request) -> Response:

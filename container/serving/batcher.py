@@ -6,6 +6,8 @@ The model's thread is the only place forward passes run, so while it computes on
 one gathers by itself: under load batches fill up, and an idle server answers a lone request at
 once. `max_delay_s` adds an optional wait for stragglers, timed with a monotonic clock. A batch
 that raises is retried one item at a time, so only the items that fail get the error.
+`health()` says when the batcher cannot answer now: its task has died, the running batch or the
+oldest queued item is older than a threshold, or every recent batch has failed.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -22,6 +25,8 @@ from typing import Generic, TypeVar
 __all__ = ["BatchResult", "Batcher"]
 
 logger = logging.getLogger(__name__)
+
+_FAILING = 3  # consecutive failed batches after which `health()` reports the batcher failing
 
 In = TypeVar("In")
 Out = TypeVar("Out")
@@ -59,8 +64,12 @@ class Batcher(Generic[In, Out]):
         self._max_batch_size = max_batch_size
         self._max_delay_s = max_delay_s
         self._queue: asyncio.Queue[_Pending[In, Out]] = asyncio.Queue()
+        self._waiting: deque[_Pending[In, Out]] = deque()  # the queue's items, in its order
         self._running: list[_Pending[In, Out]] = []
+        self._running_since: float | None = None
         self._worker: asyncio.Task[None] | None = None
+        self._failures = 0  # batches that raised since the last one that did not
+        self._last_error = ""
 
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._work(), name="batcher")
@@ -79,21 +88,41 @@ class Batcher(Generic[In, Out]):
     async def submit(self, item: In) -> BatchResult[Out]:
         """The item's output once its batch has run; its own exception if it failed."""
         future: asyncio.Future[BatchResult[Out]] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(item, future, time.monotonic()))
+        pending = _Pending(item, future, time.monotonic())
+        self._waiting.append(pending)
+        self._queue.put_nowait(pending)
         return await future
 
+    def health(self, stall_s: float) -> str | None:
+        """None when a submitted item would be computed now; else why not."""
+        if self._worker is None or self._worker.done():
+            return "the batcher has stopped"
+        now = time.monotonic()
+        if self._running_since is not None and now - self._running_since > stall_s:
+            return f"a batch has been running for {now - self._running_since:.0f} s"
+        waiting = [p.enqueued for p in self._waiting if not p.future.done()]
+        if waiting and now - min(waiting) > stall_s:
+            return f"the oldest queued image has waited {now - min(waiting):.0f} s"
+        if self._failures >= _FAILING:
+            return f"the last {self._failures} batches failed ({self._last_error})"
+        return None
+
+    def _taken(self, pending: _Pending[In, Out]) -> _Pending[In, Out]:
+        self._waiting.popleft()  # FIFO: the item just taken is the oldest one
+        return pending
+
     async def _gather(self) -> list[_Pending[In, Out]]:
-        batch = [await self._queue.get()]
+        batch = [self._taken(await self._queue.get())]
         deadline = time.monotonic() + self._max_delay_s
         while len(batch) < self._max_batch_size:
             if not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+                batch.append(self._taken(self._queue.get_nowait()))
                 continue
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
             try:
-                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                batch.append(self._taken(await asyncio.wait_for(self._queue.get(), remaining)))
             except TimeoutError:
                 break
         # A client that went away cancelled its future: do not compute for it.
@@ -107,7 +136,7 @@ class Batcher(Generic[In, Out]):
                 await self._run(loop, self._running)
 
     async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending[In, Out]]) -> None:
-        started = time.monotonic()
+        started = self._running_since = time.monotonic()
         try:
             outputs = await loop.run_in_executor(
                 self._executor, self._run_batch, [p.item for p in batch]
@@ -115,6 +144,9 @@ class Batcher(Generic[In, Out]):
             if len(outputs) != len(batch):
                 raise RuntimeError(f"{len(outputs)} outputs for a batch of {len(batch)}")
         except Exception as exc:
+            self._running_since = None
+            self._failures += 1
+            self._last_error = f"{type(exc).__name__}: {exc}"[:200]
             if len(batch) == 1:
                 if not batch[0].future.done():
                     batch[0].future.set_exception(exc)
@@ -125,6 +157,8 @@ class Batcher(Generic[In, Out]):
             for pending in batch:
                 await self._run(loop, [pending])
             return
+        self._running_since = None
+        self._failures = 0
         model_s = time.monotonic() - started
         for pending, output in zip(batch, outputs, strict=True):
             if not pending.future.done():

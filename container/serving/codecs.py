@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
+import math
 import re
-from collections.abc import Sequence
+import sys
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,7 @@ from python_multipart.multipart import parse_options_header
 from starlette.datastructures import Headers
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from container.serving.budget import PixelTally, RequestBudget, over_limit
 from container.serving.errors import BadRequestError, NotAcceptableError, UnsupportedMediaTypeError
 
 __all__ = [
@@ -56,8 +58,22 @@ _JSONLINES_ALIASES = frozenset({JSONLINES, "application/x-jsonlines", "applicati
 READABLE_TYPES = IMAGE_TYPES | _JSONLINES_ALIASES | {JSON, NPY, MULTIPART}
 WRITABLE_TYPES = (JSON, JSONLINES)
 _NPY_MAGIC = b"\x93NUMPY"
+_NPY_VERSIONS = {(1, 0): 2, (2, 0): 4}  # -> size of the header length; 3.0 adds UTF-8 names
+_NPY_MAX_HEADER = 10_000  # numpy's own limit
+_NPY_ENTRY = re.compile(
+    r"""\s*(?:['"]descr['"]\s*:\s*['"](?P<descr>[<>|=]?[A-Za-z][0-9]{0,3})['"]"""
+    r"""|['"]fortran_order['"]\s*:\s*(?P<fortran_order>True|False)"""
+    r"""|['"]shape['"]\s*:\s*\((?P<shape>\s*(?:[0-9]{1,20}\s*,\s*)*(?:[0-9]{1,20}\s*)?)\))"""
+    r"""\s*(?:,\s*|$)"""
+)
+_CHANNELS = (1, 3, 4)
+_B64_KEYS = ("b64", "image", "data", "image_bytes", "bytes")
 _DATA_URL = re.compile(r"^data:[\w/+.-]+;base64,", re.IGNORECASE)
+_TOO_MANY_FILES = "Too many files"  # how starlette's MultiPartException for max_files starts
+_MAX_NAME = 64
 _MAX_TOP_K = 1000
+_TOP_K = re.compile(r"[0-9]{1,4}")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -86,27 +102,51 @@ def _media_type(header: str | None) -> str:
 # --- request bodies ------------------------------------------------------------------------------
 
 
-def _b64(value: Any, name: str) -> bytes:
-    if isinstance(value, dict):
-        for key in ("b64", "image", "data", "image_bytes", "bytes"):
-            if key in value:
-                return _b64(value[key], name)
+def _excerpt(text: str, limit: int = 40) -> str:
+    """Client text safe to quote in a message or a log line: printable characters, and short."""
+    shown = "".join(c if c.isprintable() else "?" for c in text[:limit])
+    return f"{shown}..." if len(text) > limit else shown
+
+
+def _json(text: bytes, where: str) -> Any:
+    """`json.loads`, with each way it fails on client text turned into a 400 naming `where`."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:  # its message is a position, never the text itself
+        raise BadRequestError(f"{where} is not valid JSON ({exc})") from exc
+    except UnicodeDecodeError as exc:
         raise BadRequestError(
-            f"{name}: a JSON object needs a 'b64' field holding base64 image bytes"
-        )
+            f"{where} is not valid JSON text ({exc.reason} at byte {exc.start}); send UTF-8"
+        ) from exc
+    except RecursionError as exc:
+        raise BadRequestError(
+            f"{where} nests JSON arrays or objects too deeply; send a flat list of base64 images"
+        ) from exc
+    except ValueError as exc:  # the only other one: an integer longer than Python converts
+        raise BadRequestError(
+            f"{where} holds an integer of over {sys.get_int_max_str_digits()} digits; "
+            "send base64 image strings"
+        ) from exc
+
+
+def _b64(value: Any, name: str) -> bytes:
+    while isinstance(value, dict):  # {"b64": ...}, or TF Serving's {"image": {"b64": ...}}
+        key = next((k for k in _B64_KEYS if k in value), None)
+        if key is None:
+            raise BadRequestError(
+                f"{name}: a JSON object needs a 'b64' field holding base64 image bytes"
+            )
+        value = value[key]
     if not isinstance(value, str):
         raise BadRequestError(f"{name}: expected a base64 string, found {type(value).__name__}")
     try:
         return base64.b64decode(_DATA_URL.sub("", value.strip()), validate=True)
-    except (binascii.Error, ValueError) as exc:
+    except (binascii.Error, ValueError) as exc:  # binascii's messages never quote the data
         raise BadRequestError(f"{name}: not valid base64 ({exc})") from exc
 
 
-def _json_inputs(body: bytes) -> tuple[list[ImageInput], bool]:
-    try:
-        document = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequestError(f"the body is not valid JSON ({exc}); send application/json") from exc
+def _json_inputs(body: bytes, budget: RequestBudget) -> tuple[list[ImageInput], bool]:
+    document = _json(body, "the body")
     if isinstance(document, dict) and not {"instances", "images"}.isdisjoint(document):
         document = document.get("instances", document.get("images"))
         if not isinstance(document, list):
@@ -114,65 +154,158 @@ def _json_inputs(body: bytes) -> tuple[list[ImageInput], bool]:
     if isinstance(document, list):
         if not document:
             raise BadRequestError("the request holds an empty list of images")
+        budget.check_count(len(document))
         return [
             ImageInput(f"image {i}", _b64(item, f"image {i}")) for i, item in enumerate(document)
         ], True
     return [ImageInput("image", _b64(document, "image"))], False
 
 
-def _jsonlines_inputs(body: bytes) -> list[ImageInput]:
+def _jsonlines_inputs(body: bytes, budget: RequestBudget) -> list[ImageInput]:
     lines = [line for line in body.splitlines() if line.strip()]
     if not lines:
         raise BadRequestError("the body holds no JSON lines")
-    inputs = []
-    for n, line in enumerate(lines, start=1):
-        try:
-            record = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BadRequestError(f"line {n} is not valid JSON ({exc})") from exc
-        inputs.append(ImageInput(f"line {n}", _b64(record, f"line {n}")))
-    return inputs
+    budget.check_count(len(lines))
+    return [
+        ImageInput(f"line {n}", _b64(_json(line, f"line {n}"), f"line {n}"))
+        for n, line in enumerate(lines, start=1)
+    ]
 
 
-def _npy_inputs(body: bytes) -> tuple[list[ImageInput], bool]:
-    """(H, W), (H, W, C) or (N, H, W, C) arrays (channels first too); floats in [0, 1] scaled."""
-    try:
-        array = np.load(io.BytesIO(body), allow_pickle=False)  # never unpickle client data
-    except (ValueError, OSError, EOFError) as exc:
-        raise BadRequestError(f"the body is not a NumPy .npy array ({exc})") from exc
-    shapes = {2: (None, Ellipsis, None), 3: (None, Ellipsis), 4: (Ellipsis,)}
-    if array.ndim not in shapes or array.dtype.kind not in "uif" or 0 in array.shape:
+@dataclass(frozen=True)
+class _NpyHeader:
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...]
+    fortran_order: bool
+    offset: int  # where the data starts
+
+
+def _npy_header(body: bytes) -> _NpyHeader:
+    """A .npy header, read with a regex rather than numpy's reader.
+
+    numpy's reader runs `ast.literal_eval` on up to 10 kB of client text (MemoryError,
+    RecursionError, TypeError and tokenize.TokenError escape it) and quotes the header in its
+    messages; a .npy header is one small, fixed dict, so a regex reads all that numpy writes.
+    """
+    length_bytes = _NPY_VERSIONS.get((body[6], body[7])) if len(body) >= 8 else None
+    if not body.startswith(_NPY_MAGIC) or length_bytes is None:
         raise BadRequestError(
-            f"expected a numeric (H, W, C) or (N, H, W, C) array, got {array.dtype} {array.shape}"
+            "the body is not a .npy array of format 1.0 or 2.0; write the array with numpy.save"
         )
-    images = array[shapes[array.ndim]]
-    if images.shape[-1] not in (1, 3, 4) and images.shape[1] in (1, 3, 4):
-        images = images.transpose(0, 2, 3, 1)  # channels first
-    if images.shape[-1] not in (1, 3, 4):
-        raise BadRequestError(f"expected 1, 3 or 4 channels, got an array of shape {array.shape}")
+    start = 8 + length_bytes
+    length = int.from_bytes(body[8:start], "little")
+    if len(body) < start + length or length > _NPY_MAX_HEADER:
+        raise BadRequestError("the .npy header is cut short or too long; write it with numpy.save")
+    text = body[start : start + length].decode("latin-1").strip()
+    # `{` entry, entry, entry `}`, each entry matched where the one before it ends
+    entries: dict[str, str] = {}
+    position, end = 1, len(text) - 1
+    while position < end:
+        entry = _NPY_ENTRY.match(text, position, end)
+        if entry is None or entry.lastgroup is None or entry.lastgroup in entries:
+            break
+        entries[entry.lastgroup] = entry[entry.lastgroup]
+        position = entry.end()
+    if text[:1] != "{" or text[end:] != "}" or position != end or len(entries) != 3:
+        raise BadRequestError(
+            "the .npy header is not one this server reads; send a plain numeric array written "
+            "by numpy.save, whose header reads like "
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (224, 224, 3)}"
+        )
+    descr = entries["descr"]
+    if descr.lstrip("<>|=")[0] not in "uif":
+        raise BadRequestError(
+            f"the .npy array's dtype {descr} is not numeric; send uint8 pixels, or floats in [0, 1]"
+        )
+    try:
+        dtype = np.dtype(descr)
+    except TypeError as exc:  # a size numpy has no type for, such as <f3
+        raise BadRequestError(
+            f"the .npy array's dtype {descr} is not one numpy has; send uint8 pixels, or floats "
+            "in [0, 1]"
+        ) from exc
+    shape = tuple(int(d) for d in entries["shape"].replace(",", " ").split())
+    return _NpyHeader(dtype, shape, entries["fortran_order"] == "True", start + length)
+
+
+def _npy_inputs(body: bytes, budget: RequestBudget) -> tuple[list[ImageInput], bool]:
+    """(H, W), (H, W, C) or (N, H, W, C) arrays (channels first too); floats in [0, 1] scaled.
+
+    Every size comes from the header and is checked before numpy sees the data, which it then
+    reads in place: a header that lies about its shape costs nothing.
+    """
+    header = _npy_header(body)
+    shape = header.shape
+    if len(shape) not in (2, 3, 4):
+        raise BadRequestError(
+            f"expected an (H, W), (H, W, C) or (N, H, W, C) array, got {len(shape)} dimensions"
+        )
+    if 0 in shape:
+        raise BadRequestError(f"the .npy array of shape {shape} is empty; send pixels")
+    count, first, second, last = {2: (1, *shape, 1), 3: (1, *shape), 4: shape}[len(shape)]
+    channels_first = last not in _CHANNELS and first in _CHANNELS
+    if last not in _CHANNELS and not channels_first:
+        raise BadRequestError(f"expected 1, 3 or 4 channels, got an array of shape {shape}")
+    height, width = (second, last) if channels_first else (first, second)
+    declared = math.prod(shape) * header.dtype.itemsize  # Python ints: no overflow
+    if declared != len(body) - header.offset:
+        raise BadRequestError(
+            f"the .npy header says {shape} {header.dtype} ({declared} bytes) but the body holds "
+            f"{len(body) - header.offset} bytes of data; write the array with numpy.save"
+        )
+    budget.check_count(count)
+    tally = PixelTally(budget)
+    for i in range(count):
+        tally.add(f"image {i}", width, height)
+    array = np.frombuffer(body, header.dtype, count=math.prod(shape), offset=header.offset)
+    images = array.reshape((count, first, second, last), order="F" if header.fortran_order else "C")
+    if channels_first:
+        images = images.transpose(0, 2, 3, 1)
+    return [ImageInput(f"image {i}", pixels=p) for i, p in enumerate(_rgb(images))], len(shape) == 4
+
+
+def _rgb(images: np.ndarray) -> np.ndarray:
+    """(N, H, W, C) numbers -> (N, H, W, 3) uint8; floats whose largest value is <= 1 scaled."""
     if images.dtype.kind == "f":
-        images = np.nan_to_num(images) * (255.0 if np.max(images) <= 1.0 else 1.0)
-    pixels = np.clip(images, 0, 255).astype(np.uint8)[..., :3]
-    if pixels.shape[-1] == 1:
-        pixels = np.repeat(pixels, 3, axis=-1)
-    return [ImageInput(f"image {i}", pixels=p) for i, p in enumerate(pixels)], array.ndim == 4
+        # clip before scaling, so that no infinity overflows the multiplication
+        images = np.clip(np.nan_to_num(images, nan=0.0, posinf=255.0, neginf=0.0), 0.0, 255.0)
+        if np.max(images) <= 1.0:
+            images = images * 255.0
+    else:
+        images = np.clip(images, 0, 255)
+    pixels = images.astype(np.uint8)[..., :3]
+    return np.repeat(pixels, 3, axis=-1) if pixels.shape[-1] == 1 else pixels
 
 
-async def _multipart_inputs(body: bytes, content_type: str) -> list[ImageInput]:
-    async def stream() -> Any:
+async def _multipart_inputs(
+    body: bytes, content_type: str, budget: RequestBudget
+) -> list[ImageInput]:
+    async def stream() -> AsyncGenerator[bytes, None]:
         yield body
 
-    parser = MultiPartParser(Headers({"content-type": content_type}), stream())
+    # The parser stops at the first file part over the limit, before it spools that part.
+    parser = MultiPartParser(
+        Headers({"content-type": content_type}),
+        stream(),
+        max_files=budget.max_images,
+        max_fields=budget.max_images,
+    )
     try:
         form = await parser.parse()
     except MultiPartException as exc:
+        if exc.message.startswith(_TOO_MANY_FILES):
+            raise over_limit(
+                f"the multipart body holds more than {budget.max_images} files; the limit is "
+                f"{budget.max_images} images per request, send the rest in further requests",
+                "max_images",
+            ) from exc
         raise BadRequestError(f"the multipart body cannot be parsed: {exc.message}") from exc
     inputs = []
     try:
         for field, value in form.multi_items():
             if isinstance(value, str):
                 continue  # plain form fields carry no image
-            name = value.filename or field
+            name = _excerpt(value.filename or field, _MAX_NAME)
             inputs.append(ImageInput(name, await value.read()))
     finally:
         await form.close()
@@ -181,28 +314,31 @@ async def _multipart_inputs(body: bytes, content_type: str) -> list[ImageInput]:
     return inputs
 
 
-async def read_inputs(content_type: str | None, body: bytes) -> tuple[list[ImageInput], bool]:
+async def read_inputs(
+    content_type: str | None, body: bytes, budget: RequestBudget
+) -> tuple[list[ImageInput], bool]:
     """The images of a request in order, and whether the request was a list (multi-image).
 
     UnsupportedMediaTypeError for a type we do not read, BadRequestError for a body that does not
-    hold what its type says.
+    hold what its type says, PayloadTooLargeError (naming its setting) for a body over `budget`,
+    which is checked as soon as a count or size is known, before any image is read.
     """
     media = _media_type(content_type)
     if media not in READABLE_TYPES:
         raise UnsupportedMediaTypeError(
-            f"Content-Type {content_type or '(none)'!r} is not supported; send one of "
+            f"Content-Type '{_excerpt(content_type or '(none)')}' is not supported; send one of "
             f"{', '.join(sorted(READABLE_TYPES))}"
         )
     if not body:
         raise BadRequestError("the request body is empty; send the image bytes as the body")
     if media == JSON:
-        return _json_inputs(body)
+        return _json_inputs(body, budget)
     if media in _JSONLINES_ALIASES:
-        return _jsonlines_inputs(body), True
+        return _jsonlines_inputs(body, budget), True
     if media == NPY or (media == "application/octet-stream" and body.startswith(_NPY_MAGIC)):
-        return _npy_inputs(body)
+        return _npy_inputs(body, budget)
     if media == MULTIPART:
-        inputs = await _multipart_inputs(body, content_type or "")
+        inputs = await _multipart_inputs(body, content_type or "", budget)
         return inputs, len(inputs) > 1
     return [ImageInput("image", body)], False
 
@@ -219,17 +355,25 @@ def parse_custom_attributes(header: str | None, default_top_k: int) -> RequestOp
             pairs[key.strip().lower()] = value.strip()
     top_k = default_top_k
     if "top_k" in pairs:
-        if not pairs["top_k"].isdigit() or not 1 <= int(pairs["top_k"]) <= _MAX_TOP_K:
+        # ASCII digits only: str.isdigit() also passes "²" and "٣"
+        if not _TOP_K.fullmatch(pairs["top_k"]) or not 1 <= int(pairs["top_k"]) <= _MAX_TOP_K:
             raise BadRequestError(
-                f"custom attribute top_k={pairs['top_k']!r}: use 1 to {_MAX_TOP_K}"
+                f"custom attribute top_k='{_excerpt(pairs['top_k'])}': use a whole number "
+                f"from 1 to {_MAX_TOP_K}"
             )
         top_k = int(pairs["top_k"])
     explain = pairs.get("explain", "").lower()
     if explain not in ("", "gradcam", "none"):
         raise BadRequestError(
-            f"custom attribute explain={explain!r}: the only explanation is gradcam"
+            f"custom attribute explain='{_excerpt(explain)}': the only explanation is gradcam"
         )
-    request_id = pairs.get("request_id") or pairs.get("id")
+    request_id = pairs.get("request_id", pairs.get("id"))
+    if request_id is not None and not _REQUEST_ID.fullmatch(request_id):
+        # it is echoed in a response header and in the log lines
+        raise BadRequestError(
+            f"custom attribute request_id='{_excerpt(request_id)}': use 1 to 64 characters "
+            "of A-Z, a-z, 0-9, '.', '_', ':' and '-'"
+        )
     return RequestOptions(top_k=top_k, explain=explain == "gradcam", request_id=request_id)
 
 
@@ -261,7 +405,8 @@ def choose_response_type(accept: str | None, default: str) -> str:
         if media == JSON:
             return JSON
     raise NotAcceptableError(
-        f"Accept {accept!r} names no type this server writes; ask for {' or '.join(WRITABLE_TYPES)}"
+        f"Accept '{_excerpt(accept)}' names no type this server writes; "
+        f"ask for {' or '.join(WRITABLE_TYPES)}"
     )
 
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 __all__ = [
     "BadRequestError",
+    "ClientGoneError",
     "NotAcceptableError",
     "NotReadyError",
     "OverloadedError",
     "PayloadTooLargeError",
+    "RequestTimeoutError",
     "ServingError",
     "UnsupportedMediaTypeError",
 ]
@@ -22,6 +24,7 @@ class ServingError(Exception):
 
     status = 500
     code = "internal_error"
+    headers: dict[str, str] = {}  # noqa: RUF012 - read-only, per class
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -63,8 +66,24 @@ class NotReadyError(ServingError):
     code = "not_ready"
 
 
+class RequestTimeoutError(ServingError):
+    """Raised when a client does not send its body within SERVE_BODY_TIMEOUT_S seconds."""
+
+    status = 408
+    code = "request_timeout"
+
+
 class OverloadedError(ServingError):
-    """Raised when predictions do not come back within SAGEMAKER_MODEL_SERVER_TIMEOUT seconds."""
+    """Raised when the queue is full, or predictions do not come back in time: try again soon."""
 
     status = 503
     code = "overloaded"
+    headers = {"Retry-After": "1"}  # noqa: RUF012
+
+
+class ClientGoneError(ServingError):
+    """Raised when the client disconnects before its answer: its work is dropped. The status is
+    nginx's 499, for the log line only; nobody is left to receive it."""
+
+    status = 499
+    code = "client_closed_request"

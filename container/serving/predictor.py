@@ -22,17 +22,10 @@ from PIL import Image
 from torchvision.models import ResNet
 
 from container.archives import ArchiveError, is_archive, unpack_once
+from container.decoding import Preprocessing, eval_box
 from container.devices import DeviceChoice, cpu_has_bf16, resolve_device
-from container.images import (
-    Preprocessing,
-    decode,
-    eval_box,
-    eval_crop,
-    normalize,
-    to_uint8_hwc,
-)
+from container.images import normalize
 from container.model import META_FILE, Artifact, ArtifactError, load_artifact
-from container.serving.codecs import ImageInput
 from container.serving.explain import grad_cam, overlay_png
 
 __all__ = ["Predictor", "Prepared", "find_model_dir", "load_predictor"]
@@ -48,7 +41,7 @@ class Prepared:
 
     name: str
     pixels: torch.Tensor  # (S, S, 3) uint8
-    image: Image.Image | None  # the decoded image, kept only when an explanation is wanted
+    image: Image.Image | None  # the image (at most 512 px), kept only for an explanation
 
 
 def _tree(folder: Path, depth: int = 2) -> list[str]:
@@ -99,7 +92,7 @@ def _dtype(precision: str, device: torch.device) -> torch.dtype:
 
 
 class Predictor:
-    """Prepares images (any thread) and runs batches and explanations (the model's thread)."""
+    """Runs batches and explanations on prepared images (on the model's thread)."""
 
     def __init__(
         self, artifact: Artifact, device: torch.device, dtype: torch.dtype, optimize: bool
@@ -117,16 +110,6 @@ class Predictor:
             f"{'TorchScript (traced, frozen)' if optimize else 'eager'} "
             f"{str(dtype).removeprefix('torch.')} on {device}"
         )
-
-    def prepare(self, item: ImageInput, max_pixels: int, keep_image: bool) -> Prepared:
-        """Decode and crop one image; ImageDecodeError says what is wrong with it."""
-        if item.pixels is not None:
-            image = Image.fromarray(item.pixels, "RGB")
-        else:
-            assert item.data is not None
-            image = decode(item.data, min_side=self.prep.resize_size, max_pixels=max_pixels)
-        pixels = to_uint8_hwc(eval_crop(image, self.prep))
-        return Prepared(item.name, pixels, image if keep_image else None)
 
     def _inputs(self, pixels: Sequence[torch.Tensor]) -> torch.Tensor:
         return normalize(torch.stack(list(pixels)), self.prep, self.device)

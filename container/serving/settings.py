@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from container.decoding import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_JPEG_SCANS
 from container.sagemaker_env import OptMl
 
 __all__ = ["ENVIRONMENT", "ServeSettings", "SettingsError", "markdown_table"]
@@ -65,8 +66,77 @@ class ServeSettings(BaseModel):
         "auto", description="auto/jit: traced and frozen TorchScript; eager: the plain module."
     )
     top_k: int = Field(5, ge=1, le=1000, description="Default number of classes returned.")
+    max_images: int = Field(
+        64,
+        ge=1,
+        le=10_000,
+        description="Images in one request (a JSON list, JSON Lines, .npy "
+        "batch or multipart body); more is refused with 413 before any is decoded.",
+    )
     max_image_pixels: int = Field(
-        40_000_000, ge=1, description="Largest decoded image (after JPEG draft scaling)."
+        DEFAULT_MAX_IMAGE_PIXELS,
+        ge=1,
+        description="Largest image, width x height from its header before any decoding (a "
+        "JPEG's full size, not its reduced draft size); larger is refused with 413.",
+    )
+    max_request_pixels: int = Field(
+        100_000_000,
+        ge=1,
+        description="Pixels of all the images of one request together, from their headers; "
+        "an image that would go over is refused with 413 before it is decoded.",
+    )
+    max_jpeg_scans: int = Field(
+        DEFAULT_MAX_JPEG_SCANS,
+        ge=1,
+        description="Scans of a progressive JPEG (each one walks the whole image again; "
+        "encoders write about 10); more is refused with 413.",
+    )
+    decoders: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="Decoder processes per worker; default: the CPUs / workers, at least 2.",
+    )
+    decode_timeout_s: float = Field(
+        5,
+        gt=0,
+        description="Seconds one image may take to decode; its decoder process is "
+        "then killed and replaced, and the request refused with 413.",
+    )
+    decode_memory_mb: int = Field(
+        1024,
+        ge=64,
+        description="Memory of one decoder process, in MiB: an image whose header "
+        "says it needs more is refused with 413, and a decoder that reaches it is replaced.",
+    )
+    max_queued_images: int | None = Field(
+        None,
+        ge=1,
+        description="Images admitted and not yet answered, per worker; a request "
+        "that would go over gets a fast 503 with Retry-After. Default: 16 batches.",
+    )
+    stall_s: float = Field(
+        30,
+        gt=0,
+        description="`/ping` answers 503 while the oldest queued image, the running "
+        "batch or a decode has waited longer than this.",
+    )
+    max_connections: int = Field(
+        256,
+        ge=1,
+        description="Open connections (idle keep-alive ones too) or requests in flight, "
+        "uvicorn's limit_concurrency; a request over it gets uvicorn's 503 at once.",
+    )
+    header_timeout_s: float = Field(
+        10,
+        gt=0,
+        description="Seconds a client has to send a request's headers once it "
+        "starts one; then the connection is closed.",
+    )
+    body_timeout_s: float = Field(
+        30,
+        gt=0,
+        description="Seconds a client has to send the body once the headers are in; then 408.",
     )
     threads: int | None = Field(
         None, ge=1, description="Torch threads per worker; default: the CPUs / workers."
@@ -124,7 +194,18 @@ ENVIRONMENT: dict[str, str] = {
     "precision": "SERVE_PRECISION",
     "optimize": "SERVE_OPTIMIZE",
     "top_k": "SERVE_TOP_K",
+    "max_images": "SERVE_MAX_IMAGES",
     "max_image_pixels": "SERVE_MAX_IMAGE_PIXELS",
+    "max_request_pixels": "SERVE_MAX_REQUEST_PIXELS",
+    "max_jpeg_scans": "SERVE_MAX_JPEG_SCANS",
+    "decoders": "SERVE_DECODERS",
+    "decode_timeout_s": "SERVE_DECODE_TIMEOUT_S",
+    "decode_memory_mb": "SERVE_DECODE_MEMORY_MB",
+    "max_queued_images": "SERVE_MAX_QUEUED_IMAGES",
+    "stall_s": "SERVE_STALL_S",
+    "max_connections": "SERVE_MAX_CONNECTIONS",
+    "header_timeout_s": "SERVE_HEADER_TIMEOUT_S",
+    "body_timeout_s": "SERVE_BODY_TIMEOUT_S",
     "threads": "SERVE_THREADS",
     "log_level": "SERVE_LOG_LEVEL",
 }

@@ -42,6 +42,10 @@ class Server:
     def logs(self) -> str:
         return self.log.read_text()
 
+    def memory(self) -> int:
+        """Resident bytes of the server and its child processes (the decoders), from /proc."""
+        return sum(_rss(pid) for pid in _family(self.process.pid))
+
     def wait_until(self, status: int, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -68,6 +72,28 @@ class Server:
         if content_type is not None:
             sent["Content-Type"] = content_type
         return self.client.post("/invocations", content=body, headers=sent)
+
+
+def _family(pid: int) -> list[int]:
+    found = [pid]
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in children:
+            found += _family(int(child))
+    return found
+
+
+def _rss(pid: int) -> int:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0  # it has just exited
+    return next(
+        int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:")
+    )
 
 
 def start_server(base: Path, log: Path, env: Mapping[str, str] | None = None) -> Server:

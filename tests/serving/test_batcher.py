@@ -148,3 +148,48 @@ def test_stop_fails_what_is_still_queued() -> None:
                 await future
 
     asyncio.run(scenario())
+
+
+def test_health_reports_a_stalled_batch_and_a_stalled_queue() -> None:
+    async def scenario() -> None:
+        model = Model()
+        batcher = await _with_batcher(model, max_batch_size=1)
+        assert batcher.health(stall_s=0.1) is None
+        model.gate.clear()  # the model hangs on the first item; the second waits in the queue
+        futures = [asyncio.ensure_future(batcher.submit(i)) for i in (1, 2)]
+        await asyncio.sleep(0.3)
+        reason = batcher.health(stall_s=0.1)
+        assert reason is not None
+        assert "a batch has been running for" in reason
+        model.gate.set()
+        await asyncio.gather(*futures)
+        assert batcher.health(stall_s=0.1) is None
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_health_reports_every_recent_batch_failing_until_one_succeeds() -> None:
+    async def scenario() -> None:
+        model = Model()
+        batcher = await _with_batcher(model, max_batch_size=1)
+        for _ in range(3):
+            with pytest.raises(ValueError, match="negative"):
+                await batcher.submit(-1)
+        reason = batcher.health(stall_s=60)
+        assert reason is not None
+        assert "the last 3 batches failed (ValueError: negative input" in reason
+        assert (await batcher.submit(1)).value == 2
+        assert batcher.health(stall_s=60) is None
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_health_reports_a_batcher_that_has_stopped() -> None:
+    async def scenario() -> None:
+        batcher = await _with_batcher(Model(), max_batch_size=1)
+        await batcher.stop()
+        assert batcher.health(stall_s=60) == "the batcher has stopped"
+
+    asyncio.run(scenario())

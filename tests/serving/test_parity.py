@@ -1,7 +1,7 @@
 """Train/serve parity: the server's top-1 is the offline evaluation's top-1 on held-out images.
 
 The server runs the model in bf16 as frozen TorchScript; the offline path is the training job's
-own evaluation path (images.decode + eval_crop + normalize) through the plain fp32 module.
+own evaluation path (decoding.decode + eval_crop, images.normalize) through the plain fp32 module.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from container.images import decode, eval_crop, normalize, to_uint8_hwc
+from container.decoding import decode, eval_crop
+from container.images import normalize, to_uint8_hwc
 from container.model import load_artifact
 from container.sagemaker_env import OptMl
-from container.serving.codecs import ImageInput
 from container.serving.predictor import Predictor
 from tests.serving.conftest import Server
 
@@ -54,9 +54,9 @@ def test_reduced_precision_forms_keep_top1(
     """bf16 (traced and frozen, or eager autocast) against fp32, image by image."""
     artifact = load_artifact(trained.model_dir)
     predictor = Predictor(artifact, torch.device("cpu"), torch.bfloat16, optimize)
+    prep = artifact.preprocessing
     prepared = [
-        predictor.prepare(ImageInput(p.name, p.read_bytes()), 40_000_000, False).pixels
-        for p in test_images
+        to_uint8_hwc(eval_crop(decode(p, min_side=prep.resize_size), prep)) for p in test_images
     ]
     fast = [int(p.argmax()) for p in predictor.predict(prepared)]
     reference = [int(p.argmax()) for p in predictor.predict_fp32(prepared)]

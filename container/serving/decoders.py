@@ -1,0 +1,310 @@
+"""The decoder pool: request images become model crops in worker processes that can be replaced.
+
+Every image is decoded in one of a few `decode_worker` processes, each driven by one thread of
+the server. The header comes back first and is charged to the request's pixel budget before a
+pixel is decoded; then the worker has `timeout_s` in all, and its address space is capped at
+`memory_bytes` more than it needed at start-up. A worker over its time is killed and replaced,
+one that ran out of memory or crashed likewise: the image is refused, the request gets its 4xx,
+and every other request goes on with the other workers meanwhile. `health()` says when the pool
+cannot decode now (every worker stuck or gone, or the oldest queued image older than `stall_s`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+import container
+from container.decoding import ImageDecodeError, ImageTooLargeError
+from container.serving.decode_worker import WorkerConfig
+
+__all__ = ["Decoded", "DecoderPool", "DecoderTimeoutError"]
+
+logger = logging.getLogger(__name__)
+
+_PACKAGE_ROOT = str(Path(container.__file__).resolve().parent.parent)
+# One thread per worker: decoding an image is the parallelism; nested threads only contend.
+# A fixed mmap threshold: glibc otherwise raises it after big frees, and a decoded 40 MP image
+# would then stay in the heap; this way what a big image takes is given back when it is freed.
+_WORKER_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MALLOC_MMAP_THRESHOLD_": str(1 << 20),
+}
+_START_TIMEOUT_S = 60
+
+
+class DecoderTimeoutError(ImageTooLargeError):
+    """Raised for an image whose decoding took longer than the per-image time budget."""
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """One image's crop for the model, and the image itself (scaled down) when kept."""
+
+    pixels: np.ndarray  # (S, S, 3) uint8
+    image: Image.Image | None
+
+
+@dataclass
+class _Job:
+    name: str
+    data: bytes
+    shape: tuple[int, ...] | None
+    keep_image: bool
+    admit: Callable[[str, int, int], None]  # charges the header's size; raises to refuse
+    future: asyncio.Future[Decoded]
+    enqueued: float
+
+
+class _Worker:
+    """One decoder process and the pipes to it; used by one thread at a time."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        to_child_r, to_child_w = os.pipe()
+        from_child_r, from_child_w = os.pipe()
+        env = {**os.environ, **_WORKER_ENV, "PYTHONPATH": _PACKAGE_ROOT}
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "container.serving.decode_worker",
+                str(to_child_r),
+                str(from_child_w),
+            ],
+            pass_fds=(to_child_r, from_child_w),
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
+        os.close(to_child_r)
+        os.close(from_child_w)
+        self.outbox = Connection(to_child_w, readable=False)
+        self.inbox = Connection(from_child_r, writable=False)
+        self.outbox.send_bytes(json.dumps({"config": config.to_json()}).encode())
+        # Its imports take a moment: an image's time budget starts once it is ready.
+        try:
+            ready = self.inbox.poll(_START_TIMEOUT_S) and json.loads(self.inbox.recv_bytes())
+        except (EOFError, OSError, ValueError):
+            ready = False
+        if ready != {"ready": True}:
+            self.stop()
+            raise OSError(f"the decoder process did not start within {_START_TIMEOUT_S} s")
+
+    def stop(self) -> None:
+        self.outbox.close()
+        self.inbox.close()
+        self.process.kill()
+        self.process.wait()
+
+
+def _array(data: bytes, shape: list[int]) -> np.ndarray:
+    """A writable uint8 array of `shape` (torch wraps it without a warning)."""
+    return np.frombuffer(bytearray(data), np.uint8).reshape(shape)
+
+
+class _Slot:
+    """A worker and what it is doing; replaces its worker when the worker fails."""
+
+    def __init__(self, number: int, config: WorkerConfig, timeout_s: float) -> None:
+        self.number = number
+        self.config = config
+        self.timeout_s = timeout_s
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix=f"decoder-{number}")
+        self.worker: _Worker | None = None
+        self.busy_since: float | None = None
+        self.failure: str | None = None  # why no worker could be started
+
+    def start(self) -> None:
+        try:
+            self.worker = _Worker(self.config)
+            self.failure = None
+        except OSError as exc:
+            self.worker = None
+            self.failure = f"decoder process {self.number} cannot start: {exc}"
+            logger.error("%s", self.failure)
+
+    def replace(self, why: str) -> None:
+        logger.warning("Replacing decoder process %d: %s", self.number, why)
+        if self.worker is not None:
+            self.worker.stop()
+        self.start()
+
+    def run(self, job: _Job) -> Decoded:
+        """Decode one image in the worker (on this slot's thread); ImageDecodeError if unusable."""
+        self.busy_since = time.monotonic()
+        try:
+            if self.worker is None:
+                self.start()
+            if self.worker is None:
+                raise RuntimeError(self.failure)
+            return self._exchange(self.worker, job, self.busy_since + self.timeout_s)
+        finally:
+            self.busy_since = None
+
+    def _receive(self, worker: _Worker, job: _Job, deadline: float) -> dict[str, Any]:
+        try:
+            if worker.inbox.poll(max(0.0, deadline - time.monotonic())):
+                answer: dict[str, Any] = json.loads(worker.inbox.recv_bytes())
+                return answer
+        except (EOFError, OSError) as exc:
+            code = worker.process.poll()
+            self.replace(f"it exited ({code}) on {job.name}")
+            raise ImageDecodeError(
+                "the image could not be decoded; it may be corrupt",
+                f"decoder process exited with {code}",
+            ) from exc
+        self.replace(f"{job.name} took more than {self.timeout_s:g} s")
+        raise DecoderTimeoutError(
+            f"{job.name} takes more than {self.timeout_s:g} s to decode; send a smaller or "
+            "simpler image (a baseline JPEG decodes fastest)",
+            "decode_timeout_s",
+        )
+
+    def _exchange(self, worker: _Worker, job: _Job, deadline: float) -> Decoded:
+        worker.outbox.send_bytes(
+            json.dumps(
+                {"name": job.name, "shape": job.shape, "keep_image": job.keep_image}
+            ).encode()
+        )
+        worker.outbox.send_bytes(job.data)
+        answer = self._receive(worker, job, deadline)
+        if "header" in answer:
+            width, height = answer["header"]
+            try:
+                job.admit(job.name, width, height)
+            except Exception:
+                worker.outbox.send_bytes(b'{"go": false}')
+                raise
+            worker.outbox.send_bytes(b'{"go": true}')
+            answer = self._receive(worker, job, deadline)
+        if "error" in answer:
+            self._raise(worker, job, answer["error"])
+        pixels = _array(worker.inbox.recv_bytes(), answer["crop"])
+        image = None
+        if answer["image"] is not None:
+            image = Image.fromarray(_array(worker.inbox.recv_bytes(), answer["image"]), "RGB")
+        return Decoded(pixels, image)
+
+    def _raise(self, worker: _Worker, job: _Job, error: dict[str, str]) -> None:
+        if error["kind"] == "too_large":
+            raise ImageTooLargeError(error["message"], error["limit"])
+        if error["kind"] == "memory":
+            self.replace(f"{job.name} ran it out of memory")
+            raise ImageTooLargeError(
+                f"{job.name} needs more memory to decode than a decoder has; send a smaller image",
+                "max_decode_bytes",
+            )
+        raise ImageDecodeError(
+            error["message"] or "the image could not be decoded; it may be corrupt",
+            error["detail"],
+        )
+
+    def stop(self) -> None:
+        self.thread.shutdown(wait=True, cancel_futures=True)
+        if self.worker is not None:
+            self.worker.stop()
+            self.worker = None
+
+
+class DecoderPool:
+    """`size` decoder processes; `decode` is called on the event loop."""
+
+    def __init__(self, size: int, config: WorkerConfig, timeout_s: float) -> None:
+        self._slots = [_Slot(n, config, timeout_s) for n in range(size)]
+        self._timeout_s = timeout_s
+        self._queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self._waiting: deque[_Job] = deque()  # the queue's jobs, in the same (FIFO) order
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Start the processes (in parallel, off the event loop) and the tasks that feed them."""
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(*(loop.run_in_executor(s.thread, s.start) for s in self._slots))
+        self._tasks = [
+            loop.create_task(self._feed(slot), name=f"decoder-{slot.number}")
+            for slot in self._slots
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        while not self._queue.empty():
+            job = self._queue.get_nowait()
+            if not job.future.done():
+                job.future.set_exception(RuntimeError("the server is shutting down"))
+        for slot in self._slots:
+            slot.stop()
+
+    async def decode(
+        self,
+        name: str,
+        data: bytes,
+        shape: tuple[int, ...] | None,
+        keep_image: bool,
+        admit: Callable[[str, int, int], None],
+    ) -> Decoded:
+        """Encoded bytes (shape None) or raw RGB pixels of `shape` -> the model's crop.
+
+        `admit(name, width, height)` is called with an encoded image's header before it is
+        decoded and refuses it by raising. A cancelled caller's image is skipped if not started.
+        """
+        future: asyncio.Future[Decoded] = asyncio.get_running_loop().create_future()
+        job = _Job(name, data, shape, keep_image, admit, future, time.monotonic())
+        self._waiting.append(job)
+        self._queue.put_nowait(job)
+        return await future
+
+    async def _feed(self, slot: _Slot) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            job = await self._queue.get()
+            self._waiting.popleft()
+            if job.future.done():  # its request was cancelled or timed out meanwhile
+                continue
+            try:
+                decoded = await loop.run_in_executor(slot.thread, slot.run, job)
+            except Exception as exc:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+            else:
+                if not job.future.done():
+                    job.future.set_result(decoded)
+
+    def oldest_wait_s(self) -> float:
+        """How long the oldest image still queued (not yet decoding) has waited."""
+        waiting = [j.enqueued for j in self._waiting if not j.future.done()]
+        return time.monotonic() - min(waiting) if waiting else 0.0
+
+    def health(self, stall_s: float) -> str | None:
+        """None when images can be decoded now; else why not."""
+        if all(task.done() for task in self._tasks):
+            return "the decoder pool has stopped"
+        now = time.monotonic()
+        grace = self._timeout_s + 5  # a stuck worker is killed at timeout_s; replacing takes a bit
+        usable = [
+            s
+            for s in self._slots
+            if s.failure is None and (s.busy_since is None or now - s.busy_since < grace)
+        ]
+        if not usable:
+            failures = {s.failure for s in self._slots if s.failure}
+            return "no decoder process can decode now" + (f": {failures.pop()}" if failures else "")
+        if (waited := self.oldest_wait_s()) > stall_s:
+            return f"the oldest image has waited {waited:.0f} s for a decoder"
+        return None
