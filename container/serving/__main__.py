@@ -12,6 +12,7 @@ import uvicorn
 
 from container.devices import describe_cuda
 from container.serving.app import create_app
+from container.serving.protocol import header_timeout_protocol
 from container.serving.settings import ServeSettings, SettingsError
 
 logger = logging.getLogger("container.serving")
@@ -50,7 +51,11 @@ def main() -> int:
         "host": "0.0.0.0",
         "port": settings.port,
         "loop": "uvloop",
-        "http": "httptools",
+        # httptools with a deadline on request headers; picklable for the worker processes.
+        "http": header_timeout_protocol(settings.header_timeout_s),
+        # Over it (open connections, idle keep-alive ones included, or requests in flight),
+        # uvicorn answers 503 at once.
+        "limit_concurrency": settings.max_connections,
         "log_config": None,
         "access_log": False,
         "timeout_keep_alive": _KEEP_ALIVE_S,
