@@ -167,6 +167,8 @@ class ServerState:
                     settings.decode_memory_mb * MiB,
                 ),
                 settings.decode_memory_mb * MiB,
+                # An .npy body's pixels can be 3x its bytes (greyscale uint8 -> RGB).
+                3 * settings.max_payload_bytes,
             ),
             settings.decode_timeout_s,
         )
@@ -355,9 +357,9 @@ class _Invocation:
         self, decoders: DecoderPool, inputs: list[ImageInput], explain: bool
     ) -> list[Prepared]:
         started = time.monotonic()
-        tally = PixelTally(self.state.budget)
+        tally = PixelTally(self.state.budget, len(inputs))
         outcomes = await asyncio.gather(
-            *(decoders.decode(item.name, *_payload(item), explain, tally.add) for item in inputs),
+            *(decoders.decode(item.name, *_payload(item), explain, tally) for item in inputs),
             return_exceptions=True,
         )
         self.timing.decode_s = time.monotonic() - started

@@ -254,7 +254,7 @@ def _npy_inputs(body: bytes, budget: RequestBudget) -> tuple[list[ImageInput], b
             f"{len(body) - header.offset} bytes of data; write the array with numpy.save"
         )
     budget.check_count(count)
-    tally = PixelTally(budget)
+    tally = PixelTally(budget, count)
     for i in range(count):
         tally.add(f"image {i}", width, height)
     array = np.frombuffer(body, header.dtype, count=math.prod(shape), offset=header.offset)

@@ -6,21 +6,26 @@ costs one replaceable process, never the server. It imports neither torch nor th
 Pillow, NumPy and `container.decoding`. Its address space is capped at what it used after start-up
 plus its budget, so an allocation past the budget fails here, not in the server.
 
-Messages are length-prefixed frames on two pipes (`multiprocessing.connection`): a JSON header,
-then raw bytes. Nothing is unpickled on either side: the bytes a worker sends back may come from a
-decoder that a hostile file took over, so the parent only ever reads pixel buffers and JSON.
+Pixels travel through a buffer both processes map (a memfd): an image's bytes one way, its crop
+(and the image kept for an explanation) back. Messages are small JSON frames on two pipes
+(`multiprocessing.connection`), one each way per image in the common case. Nothing is unpickled
+on either side: what a worker sends back may come from a decoder that a hostile file took over,
+so the parent only ever reads JSON and pixel buffers of the sizes it expects.
 
-    parent -> worker: {"config": ...}                              once, first
-    worker -> parent: {"ready": true}                              once started
-    parent -> worker: {"name", "shape" | null, "keep_image"}, data  per image
-    worker -> parent: {"header": [width, height]}                  encoded images, before decoding
-    parent -> worker: {"go": bool}                                 the request's budget allows it
-    worker -> parent: {"crop": shape, "image": shape | null}, crop[, image] | {"error": ...}
+    parent -> worker: {"config": ...}                       once, first
+    worker -> parent: {"ready": true}                       once started
+    parent -> worker: {"name", "shape" | null, "keep_image", "size", "unasked_pixels"}
+                                                            per image, its bytes in the buffer
+    worker -> parent: {"header": [width, height]}           for an image over unasked_pixels:
+    parent -> worker: {"go": bool}                          the request's budget decides
+    worker -> parent: {"crop": shape, "image": shape | null} | {"error": ...}
 """
 
 from __future__ import annotations
 
 import json
+import mmap
+import os
 import resource
 import sys
 from dataclasses import dataclass
@@ -52,12 +57,14 @@ class WorkerConfig:
     prep: Preprocessing
     limits: DecodeLimits
     memory_bytes: int
+    max_input_bytes: int  # the shared buffer an image's bytes are handed over in
 
     def to_json(self) -> dict[str, Any]:
         return {
             "prep": self.prep.to_json(),
             "limits": vars(self.limits),
             "memory_bytes": self.memory_bytes,
+            "max_input_bytes": self.max_input_bytes,
         }
 
     @classmethod
@@ -66,6 +73,7 @@ class WorkerConfig:
             Preprocessing.from_json(data["prep"]),
             DecodeLimits(**data["limits"]),
             int(data["memory_bytes"]),
+            int(data["max_input_bytes"]),
         )
 
 
@@ -81,33 +89,36 @@ def crop(
     return pixels, kept
 
 
-def _send(conn: Connection, header: dict[str, Any], *buffers: np.ndarray) -> None:
-    conn.send_bytes(json.dumps(header).encode())
-    for buffer in buffers:
-        conn.send_bytes(np.ascontiguousarray(buffer).data.cast("B"))
-
-
 def _error(kind: str, message: str, detail: str = "", limit: str = "") -> dict[str, Any]:
     return {"error": {"kind": kind, "message": message, "detail": detail, "limit": limit}}
 
 
 def _job(
-    inbox: Connection, outbox: Connection, config: WorkerConfig, job: dict[str, Any], data: bytes
-) -> None:
+    inbox: Connection,
+    outbox: Connection,
+    shared: mmap.mmap,
+    config: WorkerConfig,
+    job: dict[str, Any],
+    data: bytes,
+) -> dict[str, Any] | None:
+    """Decode and crop one image; the answer to send (its pixels left in `shared`), or None
+    when the request's budget refused it."""
     if job["shape"] is not None:
         image = Image.fromarray(np.frombuffer(data, np.uint8).reshape(job["shape"]), "RGB")
     else:
         opened, header = open_image(data, config.limits, min_side=config.prep.resize_size)
-        outbox.send_bytes(json.dumps({"header": [header.width, header.height]}).encode())
-        if not json.loads(inbox.recv_bytes())["go"]:
-            return
+        if header.pixels > job["unasked_pixels"]:  # the request's budget decides
+            outbox.send_bytes(json.dumps({"header": [header.width, header.height]}).encode())
+            if not json.loads(inbox.recv_bytes())["go"]:
+                return None
         image = load_rgb(opened)
     pixels, kept = crop(image, config.prep, job["keep_image"])
-    if kept is None:
-        _send(outbox, {"crop": pixels.shape, "image": None}, pixels)
-    else:
-        array = np.asarray(kept, dtype=np.uint8)
-        _send(outbox, {"crop": pixels.shape, "image": array.shape}, pixels, array)
+    arrays = [pixels] if kept is None else [pixels, np.asarray(kept, dtype=np.uint8)]
+    position = 0
+    for array in arrays:
+        shared[position : position + array.nbytes] = np.ascontiguousarray(array).data.cast("B")
+        position += array.nbytes
+    return {"crop": pixels.shape, "image": None if kept is None else arrays[1].shape}
 
 
 def _cap_memory(budget: int) -> None:
@@ -121,33 +132,33 @@ def _cap_memory(budget: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
 
 
-def main(read_fd: int, write_fd: int) -> int:
+def main(read_fd: int, write_fd: int, shared_fd: int) -> int:
     """Serve jobs until the parent closes the pipe; exit after a MemoryError (heap suspect)."""
     inbox, outbox = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
+    shared = mmap.mmap(shared_fd, os.fstat(shared_fd).st_size)
     config = WorkerConfig.from_json(json.loads(inbox.recv_bytes())["config"])
     _cap_memory(config.memory_bytes)
     outbox.send_bytes(b'{"ready": true}')
     while True:
         try:
             job = json.loads(inbox.recv_bytes())
-            data = inbox.recv_bytes()
         except EOFError:
             return 0
+        data = shared[: job["size"]]  # a copy: the answer's pixels go where it was
         try:
-            _job(inbox, outbox, config, job, data)
+            answer = _job(inbox, outbox, shared, config, job, data)
         except ImageTooLargeError as exc:
-            outbox.send_bytes(
-                json.dumps(_error("too_large", str(exc), exc.detail, exc.limit)).encode()
-            )
+            answer = _error("too_large", str(exc), exc.detail, exc.limit)
         except ImageDecodeError as exc:
-            outbox.send_bytes(json.dumps(_error("decode", str(exc), exc.detail)).encode())
+            answer = _error("decode", str(exc), exc.detail)
         except MemoryError:
             outbox.send_bytes(json.dumps(_error("memory", "", "MemoryError")).encode())
             return 3
         except Exception as exc:  # a decoder bug or a crafted file: the image is unusable
-            detail = f"{type(exc).__name__}: {exc}"
-            outbox.send_bytes(json.dumps(_error("decode", "", detail)).encode())
+            answer = _error("decode", "", f"{type(exc).__name__}: {exc}")
+        if answer is not None:
+            outbox.send_bytes(json.dumps(answer).encode())
 
 
 if __name__ == "__main__":
-    sys.exit(main(int(sys.argv[1]), int(sys.argv[2])))
+    sys.exit(main(*map(int, sys.argv[1:4])))

@@ -14,17 +14,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
+import mmap
 import os
 import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
@@ -32,6 +33,7 @@ from PIL import Image
 import container
 from container.decoding import ImageDecodeError, ImageTooLargeError
 from container.serving.decode_worker import WorkerConfig
+from container.serving.errors import OverloadedError
 
 __all__ = ["Decoded", "DecoderPool", "DecoderTimeoutError"]
 
@@ -44,9 +46,11 @@ _PACKAGE_ROOT = str(Path(container.__file__).resolve().parent.parent)
 _WORKER_ENV = {
     "OMP_NUM_THREADS": "1",
     "OPENBLAS_NUM_THREADS": "1",
-    "MALLOC_MMAP_THRESHOLD_": str(1 << 20),
+    "MALLOC_MMAP_THRESHOLD_": str(16 << 20),
+    "MALLOC_TRIM_THRESHOLD_": str(64 << 20),
 }
 _START_TIMEOUT_S = 60
+_UNDECODABLE = "the image could not be decoded; it may be corrupt"
 
 
 class DecoderTimeoutError(ImageTooLargeError):
@@ -61,13 +65,24 @@ class Decoded:
     image: Image.Image | None
 
 
+class Admission(Protocol):
+    """A request's pixel budget, as the decoders see it."""
+
+    @property
+    def unasked_pixels(self) -> int:
+        """An image of at most this many pixels is decoded without asking `add`."""
+
+    def add(self, name: str, width: int, height: int) -> None:
+        """Charge an image's size from its header; raises to refuse it."""
+
+
 @dataclass
 class _Job:
     name: str
     data: bytes
     shape: tuple[int, ...] | None
     keep_image: bool
-    admit: Callable[[str, int, int], None]  # charges the header's size; raises to refuse
+    admission: Admission
     future: asyncio.Future[Decoded]
     enqueued: float
 
@@ -78,21 +93,21 @@ class _Worker:
     def __init__(self, config: WorkerConfig) -> None:
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
+        # Image bytes travel through shared memory, written here and copied out once there:
+        # through a pipe a 1.4 MB photo took four copies and a dozen switches between processes.
+        shared = os.memfd_create("decoder-input")
+        os.ftruncate(shared, config.max_input_bytes)
+        self.shared = mmap.mmap(shared, config.max_input_bytes)
         env = {**os.environ, **_WORKER_ENV, "PYTHONPATH": _PACKAGE_ROOT}
+        fds = (to_child_r, from_child_w, shared)
         self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "container.serving.decode_worker",
-                str(to_child_r),
-                str(from_child_w),
-            ],
-            pass_fds=(to_child_r, from_child_w),
+            [sys.executable, "-m", "container.serving.decode_worker", *map(str, fds)],
+            pass_fds=fds,
             env=env,
             stdin=subprocess.DEVNULL,
         )
-        os.close(to_child_r)
-        os.close(from_child_w)
+        for fd in fds:
+            os.close(fd)
         self.outbox = Connection(to_child_w, readable=False)
         self.inbox = Connection(from_child_r, writable=False)
         self.outbox.send_bytes(json.dumps({"config": config.to_json()}).encode())
@@ -105,16 +120,45 @@ class _Worker:
             self.stop()
             raise OSError(f"the decoder process did not start within {_START_TIMEOUT_S} s")
 
+    def send(self, job: _Job) -> None:
+        """Hand `job` to the process: its bytes in shared memory, the rest as a message."""
+        if len(job.data) > len(self.shared):
+            raise ImageDecodeError(
+                f"{job.name} holds more bytes than a decoder takes; send a smaller image",
+                f"{len(job.data)} bytes for a {len(self.shared)}-byte buffer",
+            )
+        self.shared[: len(job.data)] = job.data
+        control = {
+            "name": job.name,
+            "shape": job.shape,
+            "keep_image": job.keep_image,
+            "size": len(job.data),
+            "unasked_pixels": job.admission.unasked_pixels,
+        }
+        self.outbox.send_bytes(json.dumps(control).encode())
+
+    def pixels(self, shapes: list[list[int] | None]) -> list[np.ndarray | None]:
+        """Copies of the arrays of `shapes` the process left in the shared buffer, in order."""
+        arrays: list[np.ndarray | None] = []
+        position = 0
+        for shape in shapes:
+            if shape is None:
+                arrays.append(None)
+                continue
+            size = math.prod(shape)
+            if position + size > len(self.shared):
+                raise ImageDecodeError(_UNDECODABLE, f"the decoder answered a shape of {shape}")
+            array = np.frombuffer(self.shared, np.uint8, size, position).reshape(shape).copy()
+            arrays.append(array)
+            position += size
+        return arrays
+
     def stop(self) -> None:
         self.outbox.close()
         self.inbox.close()
         self.process.kill()
         self.process.wait()
-
-
-def _array(data: bytes, shape: list[int]) -> np.ndarray:
-    """A writable uint8 array of `shape` (torch wraps it without a warning)."""
-    return np.frombuffer(bytearray(data), np.uint8).reshape(shape)
+        self.shared.close()
 
 
 class _Slot:
@@ -148,10 +192,12 @@ class _Slot:
         """Decode one image in the worker (on this slot's thread); ImageDecodeError if unusable."""
         self.busy_since = time.monotonic()
         try:
+            if self.worker is not None and self.worker.process.poll() is not None:
+                self.replace(f"it had exited ({self.worker.process.returncode}) while idle")
             if self.worker is None:
                 self.start()
             if self.worker is None:
-                raise RuntimeError(self.failure)
+                raise OverloadedError(f"{self.failure}; retry shortly")
             return self._exchange(self.worker, job, self.busy_since + self.timeout_s)
         finally:
             self.busy_since = None
@@ -164,10 +210,7 @@ class _Slot:
         except (EOFError, OSError) as exc:
             code = worker.process.poll()
             self.replace(f"it exited ({code}) on {job.name}")
-            raise ImageDecodeError(
-                "the image could not be decoded; it may be corrupt",
-                f"decoder process exited with {code}",
-            ) from exc
+            raise ImageDecodeError(_UNDECODABLE, f"decoder process exited with {code}") from exc
         self.replace(f"{job.name} took more than {self.timeout_s:g} s")
         raise DecoderTimeoutError(
             f"{job.name} takes more than {self.timeout_s:g} s to decode; send a smaller or "
@@ -176,17 +219,12 @@ class _Slot:
         )
 
     def _exchange(self, worker: _Worker, job: _Job, deadline: float) -> Decoded:
-        worker.outbox.send_bytes(
-            json.dumps(
-                {"name": job.name, "shape": job.shape, "keep_image": job.keep_image}
-            ).encode()
-        )
-        worker.outbox.send_bytes(job.data)
+        worker.send(job)
         answer = self._receive(worker, job, deadline)
         if "header" in answer:
             width, height = answer["header"]
             try:
-                job.admit(job.name, width, height)
+                job.admission.add(job.name, width, height)
             except Exception:
                 worker.outbox.send_bytes(b'{"go": false}')
                 raise
@@ -194,11 +232,9 @@ class _Slot:
             answer = self._receive(worker, job, deadline)
         if "error" in answer:
             self._raise(worker, job, answer["error"])
-        pixels = _array(worker.inbox.recv_bytes(), answer["crop"])
-        image = None
-        if answer["image"] is not None:
-            image = Image.fromarray(_array(worker.inbox.recv_bytes(), answer["image"]), "RGB")
-        return Decoded(pixels, image)
+        pixels, kept = worker.pixels([answer["crop"], answer["image"]])
+        assert pixels is not None
+        return Decoded(pixels, None if kept is None else Image.fromarray(kept, "RGB"))
 
     def _raise(self, worker: _Worker, job: _Job, error: dict[str, str]) -> None:
         if error["kind"] == "too_large":
@@ -209,10 +245,7 @@ class _Slot:
                 f"{job.name} needs more memory to decode than a decoder has; send a smaller image",
                 "max_decode_bytes",
             )
-        raise ImageDecodeError(
-            error["message"] or "the image could not be decoded; it may be corrupt",
-            error["detail"],
-        )
+        raise ImageDecodeError(error["message"] or _UNDECODABLE, error["detail"])
 
     def stop(self) -> None:
         self.thread.shutdown(wait=True, cancel_futures=True)
@@ -257,15 +290,15 @@ class DecoderPool:
         data: bytes,
         shape: tuple[int, ...] | None,
         keep_image: bool,
-        admit: Callable[[str, int, int], None],
+        admission: Admission,
     ) -> Decoded:
         """Encoded bytes (shape None) or raw RGB pixels of `shape` -> the model's crop.
 
-        `admit(name, width, height)` is called with an encoded image's header before it is
-        decoded and refuses it by raising. A cancelled caller's image is skipped if not started.
+        An encoded image over `admission.unasked_pixels` is charged to it from its header
+        before it is decoded. A cancelled caller's image is skipped if it has not started.
         """
         future: asyncio.Future[Decoded] = asyncio.get_running_loop().create_future()
-        job = _Job(name, data, shape, keep_image, admit, future, time.monotonic())
+        job = _Job(name, data, shape, keep_image, admission, future, time.monotonic())
         self._waiting.append(job)
         self._queue.put_nowait(job)
         return await future
