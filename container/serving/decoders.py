@@ -1,12 +1,13 @@
 """The decoder pool: request images become model crops in worker processes that can be replaced.
 
-Every image is decoded in one of a few `decode_worker` processes, each driven by one thread of
-the server. The header comes back first and is charged to the request's pixel budget before a
-pixel is decoded; then the worker has `timeout_s` in all, and its address space is capped at
-`memory_bytes` more than it needed at start-up. A worker over its time is killed and replaced,
-one that ran out of memory or crashed likewise: the image is refused, the request gets its 4xx,
-and every other request goes on with the other workers meanwhile. `health()` says when the pool
-cannot decode now (every worker stuck or gone, or the oldest queued image older than `stall_s`).
+Every image is decoded in one of a few `decode_worker` processes, driven from the event loop
+(which reads their pipes; no thread sits in between). An image over the request's unasked share
+sends its header first, to be charged to the request's pixel budget before a pixel is decoded;
+the worker has `timeout_s` in all, and its address space is capped at `memory_bytes` more than
+it needed at start-up. A worker over its time is killed and replaced, one that ran out of memory
+or crashed likewise: the image is refused, the request gets its 4xx, and every other request goes
+on with the other workers meanwhile. `health()` says when the pool cannot decode now (every
+worker stuck or gone, or the oldest queued image older than `stall_s`).
 """
 
 from __future__ import annotations
@@ -17,13 +18,12 @@ import logging
 import math
 import mmap
 import os
+import struct
 import subprocess
 import sys
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -50,6 +50,7 @@ _WORKER_ENV = {
     "MALLOC_TRIM_THRESHOLD_": str(64 << 20),
 }
 _START_TIMEOUT_S = 60
+_MAX_MESSAGE = 1 << 16  # JSON only: pixels travel through the shared buffer
 _UNDECODABLE = "the image could not be decoded; it may be corrupt"
 
 
@@ -88,54 +89,96 @@ class _Job:
 
 
 class _Worker:
-    """One decoder process and the pipes to it; used by one thread at a time."""
+    """One decoder process, its pipes (read on the event loop) and the buffer it shares."""
 
-    def __init__(self, config: WorkerConfig) -> None:
+    def __init__(
+        self,
+        process: asyncio.subprocess.Process,
+        outbox: int,
+        inbox: asyncio.StreamReader,
+        transport: asyncio.BaseTransport,
+        shared: mmap.mmap,
+    ) -> None:
+        self.process = process
+        self._outbox = outbox
+        self._inbox = inbox
+        self._transport = transport
+        self.shared = shared
+
+    @classmethod
+    async def start(cls, config: WorkerConfig) -> _Worker:
+        """A started worker, ready for its first image; OSError if it cannot be."""
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
-        # Image bytes travel through shared memory, written here and copied out once there:
-        # through a pipe a 1.4 MB photo took four copies and a dozen switches between processes.
-        shared = os.memfd_create("decoder-input")
-        os.ftruncate(shared, config.max_input_bytes)
-        self.shared = mmap.mmap(shared, config.max_input_bytes)
-        env = {**os.environ, **_WORKER_ENV, "PYTHONPATH": _PACKAGE_ROOT}
-        fds = (to_child_r, from_child_w, shared)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "container.serving.decode_worker", *map(str, fds)],
-            pass_fds=fds,
-            env=env,
-            stdin=subprocess.DEVNULL,
+        # Image bytes and crops travel through shared memory: through a pipe a 1.4 MB photo took
+        # four copies and a dozen switches between the processes.
+        shared_fd = os.memfd_create("decoder-buffer")
+        os.ftruncate(shared_fd, config.max_input_bytes)
+        shared = mmap.mmap(shared_fd, config.max_input_bytes)
+        fds = (to_child_r, from_child_w, shared_fd)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "container.serving.decode_worker",
+                *map(str, fds),
+                pass_fds=fds,
+                env={**os.environ, **_WORKER_ENV, "PYTHONPATH": _PACKAGE_ROOT},
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            for fd in fds:
+                os.close(fd)
+        inbox = asyncio.StreamReader()
+        transport, _ = await asyncio.get_running_loop().connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(inbox), os.fdopen(from_child_r, "rb", 0)
         )
-        for fd in fds:
-            os.close(fd)
-        self.outbox = Connection(to_child_w, readable=False)
-        self.inbox = Connection(from_child_r, writable=False)
-        self.outbox.send_bytes(json.dumps({"config": config.to_json()}).encode())
+        worker = cls(process, to_child_w, inbox, transport, shared)
         # Its imports take a moment: an image's time budget starts once it is ready.
         try:
-            ready = self.inbox.poll(_START_TIMEOUT_S) and json.loads(self.inbox.recv_bytes())
-        except (EOFError, OSError, ValueError):
-            ready = False
+            worker.write({"config": config.to_json()})
+            async with asyncio.timeout(_START_TIMEOUT_S):
+                ready = await worker.read()
+        except (TimeoutError, EOFError, OSError, ValueError):
+            ready = {}
         if ready != {"ready": True}:
-            self.stop()
+            await worker.stop()
             raise OSError(f"the decoder process did not start within {_START_TIMEOUT_S} s")
+        return worker
+
+    def write(self, message: dict[str, Any]) -> None:
+        """Send a message (a few hundred bytes: the pipe always has room for it)."""
+        payload = json.dumps(message).encode()
+        os.write(self._outbox, struct.pack("!i", len(payload)) + payload)
+
+    async def read(self) -> dict[str, Any]:
+        """The next message (`multiprocessing.connection`'s framing); EOFError if it exited."""
+        try:
+            (size,) = struct.unpack("!i", await self._inbox.readexactly(4))
+            if not 0 < size <= _MAX_MESSAGE:
+                raise EOFError(f"a message of {size} bytes")
+            message: dict[str, Any] = json.loads(await self._inbox.readexactly(size))
+        except asyncio.IncompleteReadError as exc:
+            raise EOFError("the decoder process exited") from exc
+        return message
 
     def send(self, job: _Job) -> None:
-        """Hand `job` to the process: its bytes in shared memory, the rest as a message."""
+        """Hand `job` to the process: its bytes in the shared buffer, the rest as a message."""
         if len(job.data) > len(self.shared):
             raise ImageDecodeError(
                 f"{job.name} holds more bytes than a decoder takes; send a smaller image",
                 f"{len(job.data)} bytes for a {len(self.shared)}-byte buffer",
             )
         self.shared[: len(job.data)] = job.data
-        control = {
-            "name": job.name,
-            "shape": job.shape,
-            "keep_image": job.keep_image,
-            "size": len(job.data),
-            "unasked_pixels": job.admission.unasked_pixels,
-        }
-        self.outbox.send_bytes(json.dumps(control).encode())
+        self.write(
+            {
+                "name": job.name,
+                "shape": job.shape,
+                "keep_image": job.keep_image,
+                "size": len(job.data),
+                "unasked_pixels": job.admission.unasked_pixels,
+            }
+        )
 
     def pixels(self, shapes: list[list[int] | None]) -> list[np.ndarray | None]:
         """Copies of the arrays of `shapes` the process left in the shared buffer, in order."""
@@ -153,11 +196,15 @@ class _Worker:
             position += size
         return arrays
 
-    def stop(self) -> None:
-        self.outbox.close()
-        self.inbox.close()
-        self.process.kill()
-        self.process.wait()
+    def exited(self) -> bool:
+        return self.process.returncode is not None
+
+    async def stop(self) -> None:
+        if not self.exited():
+            self.process.kill()
+        await self.process.wait()
+        self._transport.close()
+        os.close(self._outbox)
         self.shared.close()
 
 
@@ -168,89 +215,83 @@ class _Slot:
         self.number = number
         self.config = config
         self.timeout_s = timeout_s
-        self.thread = ThreadPoolExecutor(1, thread_name_prefix=f"decoder-{number}")
         self.worker: _Worker | None = None
         self.busy_since: float | None = None
         self.failure: str | None = None  # why no worker could be started
 
-    def start(self) -> None:
+    async def start(self) -> None:
         try:
-            self.worker = _Worker(self.config)
+            self.worker = await _Worker.start(self.config)
             self.failure = None
         except OSError as exc:
             self.worker = None
             self.failure = f"decoder process {self.number} cannot start: {exc}"
             logger.error("%s", self.failure)
 
-    def replace(self, why: str) -> None:
+    async def replace(self, why: str) -> None:
         logger.warning("Replacing decoder process %d: %s", self.number, why)
-        if self.worker is not None:
-            self.worker.stop()
-        self.start()
+        await self.stop()
+        await self.start()
 
-    def run(self, job: _Job) -> Decoded:
-        """Decode one image in the worker (on this slot's thread); ImageDecodeError if unusable."""
+    async def run(self, job: _Job) -> Decoded:
+        """Decode one image in the worker; ImageDecodeError (or a ServingError from the request's
+        budget) when it is refused."""
         self.busy_since = time.monotonic()
         try:
-            if self.worker is not None and self.worker.process.poll() is not None:
-                self.replace(f"it had exited ({self.worker.process.returncode}) while idle")
+            if self.worker is not None and self.worker.exited():
+                await self.replace(f"it had exited ({self.worker.process.returncode}) while idle")
             if self.worker is None:
-                self.start()
+                await self.start()
             if self.worker is None:
                 raise OverloadedError(f"{self.failure}; retry shortly")
-            return self._exchange(self.worker, job, self.busy_since + self.timeout_s)
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    return await self._exchange(self.worker, job)
+            except TimeoutError:
+                await self.replace(f"{job.name} took more than {self.timeout_s:g} s")
+                raise DecoderTimeoutError(
+                    f"{job.name} takes more than {self.timeout_s:g} s to decode; send a smaller "
+                    "or simpler image (a baseline JPEG decodes fastest)",
+                    "decode_timeout_s",
+                ) from None
+            except (EOFError, OSError) as exc:
+                await self.replace(f"it failed on {job.name}: {exc}")
+                raise ImageDecodeError(_UNDECODABLE, f"the decoder process failed: {exc}") from exc
         finally:
             self.busy_since = None
 
-    def _receive(self, worker: _Worker, job: _Job, deadline: float) -> dict[str, Any]:
-        try:
-            if worker.inbox.poll(max(0.0, deadline - time.monotonic())):
-                answer: dict[str, Any] = json.loads(worker.inbox.recv_bytes())
-                return answer
-        except (EOFError, OSError) as exc:
-            code = worker.process.poll()
-            self.replace(f"it exited ({code}) on {job.name}")
-            raise ImageDecodeError(_UNDECODABLE, f"decoder process exited with {code}") from exc
-        self.replace(f"{job.name} took more than {self.timeout_s:g} s")
-        raise DecoderTimeoutError(
-            f"{job.name} takes more than {self.timeout_s:g} s to decode; send a smaller or "
-            "simpler image (a baseline JPEG decodes fastest)",
-            "decode_timeout_s",
-        )
-
-    def _exchange(self, worker: _Worker, job: _Job, deadline: float) -> Decoded:
+    async def _exchange(self, worker: _Worker, job: _Job) -> Decoded:
         worker.send(job)
-        answer = self._receive(worker, job, deadline)
+        answer = await worker.read()
         if "header" in answer:
             width, height = answer["header"]
             try:
                 job.admission.add(job.name, width, height)
             except Exception:
-                worker.outbox.send_bytes(b'{"go": false}')
+                worker.write({"go": False})
                 raise
-            worker.outbox.send_bytes(b'{"go": true}')
-            answer = self._receive(worker, job, deadline)
+            worker.write({"go": True})
+            answer = await worker.read()
         if "error" in answer:
-            self._raise(worker, job, answer["error"])
+            await self._raise(job, answer["error"])
         pixels, kept = worker.pixels([answer["crop"], answer["image"]])
         assert pixels is not None
         return Decoded(pixels, None if kept is None else Image.fromarray(kept, "RGB"))
 
-    def _raise(self, worker: _Worker, job: _Job, error: dict[str, str]) -> None:
+    async def _raise(self, job: _Job, error: dict[str, str]) -> None:
         if error["kind"] == "too_large":
             raise ImageTooLargeError(error["message"], error["limit"])
         if error["kind"] == "memory":
-            self.replace(f"{job.name} ran it out of memory")
+            await self.replace(f"{job.name} ran it out of memory")
             raise ImageTooLargeError(
                 f"{job.name} needs more memory to decode than a decoder has; send a smaller image",
                 "max_decode_bytes",
             )
         raise ImageDecodeError(error["message"] or _UNDECODABLE, error["detail"])
 
-    def stop(self) -> None:
-        self.thread.shutdown(wait=True, cancel_futures=True)
+    async def stop(self) -> None:
         if self.worker is not None:
-            self.worker.stop()
+            await self.worker.stop()
             self.worker = None
 
 
@@ -265,9 +306,9 @@ class DecoderPool:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        """Start the processes (in parallel, off the event loop) and the tasks that feed them."""
+        """Start the processes (in parallel) and the tasks that feed them."""
         loop = asyncio.get_running_loop()
-        await asyncio.gather(*(loop.run_in_executor(s.thread, s.start) for s in self._slots))
+        await asyncio.gather(*(slot.start() for slot in self._slots))
         self._tasks = [
             loop.create_task(self._feed(slot), name=f"decoder-{slot.number}")
             for slot in self._slots
@@ -281,8 +322,7 @@ class DecoderPool:
             job = self._queue.get_nowait()
             if not job.future.done():
                 job.future.set_exception(RuntimeError("the server is shutting down"))
-        for slot in self._slots:
-            slot.stop()
+        await asyncio.gather(*(slot.stop() for slot in self._slots))
 
     async def decode(
         self,
@@ -304,14 +344,13 @@ class DecoderPool:
         return await future
 
     async def _feed(self, slot: _Slot) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             job = await self._queue.get()
             self._waiting.popleft()
             if job.future.done():  # its request was cancelled or timed out meanwhile
                 continue
             try:
-                decoded = await loop.run_in_executor(slot.thread, slot.run, job)
+                decoded = await slot.run(job)
             except Exception as exc:
                 if not job.future.done():
                     job.future.set_exception(exc)
