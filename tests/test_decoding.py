@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import re
 import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -22,6 +21,7 @@ from container.decoding import (
     load_rgb,
     open_image,
 )
+from tests.crafted import gradient_photo, png_header
 
 MiB = 1 << 20
 
@@ -30,14 +30,6 @@ def _encode(image: Image.Image, fmt: str = "JPEG", **options: object) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, fmt, **options)
     return buffer.getvalue()
-
-
-def _photo(width: int, height: int, seed: int = 0, noise_level: float = 20) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    gradient = np.linspace(0, 255, width, dtype=np.float32)[None, :, None]
-    noise = rng.normal(0, noise_level, (height, width, 3))
-    pixels = np.clip(gradient + noise + [0, 40, 80], 0, 255).astype(np.uint8)
-    return Image.fromarray(pixels, "RGB")
 
 
 def _segment(marker: int, payload: bytes) -> bytes:
@@ -66,18 +58,6 @@ def _many_scan_jpeg(refinements: int) -> bytes:
     return jpeg + b"\xff\xd9"
 
 
-def _png_header(width: int, height: int) -> bytes:
-    """A PNG signature, IHDR (8-bit RGB) and IEND, with correct CRCs, and no image data at all."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-        )
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
-
-
 def _rle8_bmp(width: int, height: int) -> bytes:
     """An 8-bit RLE BMP: each row one red pixel, then end-of-line (the rest of the row is 0)."""
     palette = b"".join(bytes((0, 0, 255 if i == 1 else 0, 0)) for i in range(256))
@@ -93,7 +73,7 @@ def _rle8_bmp(width: int, height: int) -> bytes:
 
 
 def test_large_jpeg_is_decoded_at_reduced_scale_but_never_below_the_target() -> None:
-    data = _encode(_photo(3000, 2000))
+    data = _encode(gradient_photo(3000, 2000))
     assert decode(data).size == (3000, 2000)
     reduced = decode(data, min_side=256)
     assert reduced.size == (750, 500)  # 1/4 scale: 1/8 would make the short side 250 < 256
@@ -101,7 +81,7 @@ def test_large_jpeg_is_decoded_at_reduced_scale_but_never_below_the_target() -> 
 
 
 def test_small_jpeg_is_decoded_whole() -> None:
-    assert decode(_encode(_photo(500, 375)), min_side=256).size == (500, 375)
+    assert decode(_encode(gradient_photo(500, 375)), min_side=256).size == (500, 375)
 
 
 def test_an_mpo_is_read_as_its_first_image_at_reduced_scale() -> None:
@@ -116,7 +96,7 @@ def test_an_mpo_is_read_as_its_first_image_at_reduced_scale() -> None:
 
 
 def test_exif_orientation_is_applied() -> None:
-    image = _photo(400, 200)
+    image = gradient_photo(400, 200)
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90° clockwise to display
     decoded = decode(_encode(image, exif=exif.tobytes()))
@@ -148,7 +128,7 @@ def test_transparent_pixels_become_white() -> None:
     ],
 )
 def test_every_mode_decodes_to_rgb(mode: str, fmt: str) -> None:
-    image = _photo(64, 48).convert(mode)
+    image = gradient_photo(64, 48).convert(mode)
     decoded = decode(_encode(image, fmt))
     assert (decoded.mode, decoded.size) == ("RGB", (64, 48))
 
@@ -162,7 +142,7 @@ def test_sixteen_bit_greyscale_keeps_its_range() -> None:
 def test_eval_crop_matches_torchvision_resize_and_center_crop() -> None:
     prep = Preprocessing.for_image_size(224)
     assert (prep.image_size, prep.resize_size) == (224, 256)
-    image = _photo(500, 375, seed=1, noise_level=2)
+    image = gradient_photo(500, 375, seed=1, noise_level=2)
     ours = np.asarray(eval_crop(image, prep), dtype=np.float32)
     reference = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224)])(image)
     theirs = np.asarray(reference, dtype=np.float32)
@@ -190,9 +170,9 @@ _CORRUPT = "the image data is truncated or corrupt"
         (b"P6\n4 4\n255\n" + bytes(48), _UNREADABLE),  # PPM: Pillow reads it, we do not
         (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", _UNREADABLE),
         (_encode(Image.new("RGB", (32, 32)), "ICO"), _UNREADABLE),
-        (_encode(_photo(64, 64))[:200], _CORRUPT),  # truncated JPEG
+        (_encode(gradient_photo(64, 64))[:200], _CORRUPT),  # truncated JPEG
         (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, _CORRUPT),  # PNG signature, garbage after
-        (_png_header(100, 100), _CORRUPT),  # a header and no image data
+        (png_header(100, 100), _CORRUPT),  # a header and no image data
         (b"GIF89a\x01", _CORRUPT),
     ],
 )
@@ -210,8 +190,8 @@ def test_no_message_shows_a_repr_an_address_or_a_path() -> None:
         b"",
         b"\x89PNG\r\n\x1a\n" + b"\x00" * 40,
         _rle8_bmp(16, 4),
-        _png_header(50_000, 50_000),
-        _png_header(8000, 6000),
+        png_header(50_000, 50_000),
+        png_header(8000, 6000),
         _many_scan_jpeg(1),
     ]
     for data in bad:
@@ -226,23 +206,23 @@ def test_no_message_shows_a_repr_an_address_or_a_path() -> None:
 def test_an_image_over_the_pixel_limit_is_refused_from_its_header() -> None:
     # No image data at all: a refusal, not "corrupt", shows nothing was decoded.
     with pytest.raises(ImageTooLargeError) as info:
-        open_image(_png_header(8000, 6000), DecodeLimits())
+        open_image(png_header(8000, 6000), DecodeLimits())
     assert str(info.value) == (
         "the image is 8000x6000 pixels (48 MP); the limit is 40 MP per image, use a smaller image"
     )
     assert info.value.limit == "max_image_pixels"
-    _, header = open_image(_png_header(8000, 6000), DecodeLimits(max_image_pixels=48_000_000))
+    _, header = open_image(png_header(8000, 6000), DecodeLimits(max_image_pixels=48_000_000))
     assert (header.width, header.height, header.pixels) == (8000, 6000, 48_000_000)
 
 
 def test_pillow_s_own_decompression_bomb_check_is_a_too_large_error() -> None:
     with pytest.raises(ImageTooLargeError, match=r"more than 179 MP") as info:
-        open_image(_png_header(50_000, 50_000), DecodeLimits(max_image_pixels=10**10))
+        open_image(png_header(50_000, 50_000), DecodeLimits(max_image_pixels=10**10))
     assert info.value.limit == "max_image_pixels"
 
 
 def test_the_pixel_limit_counts_a_jpeg_s_full_size_not_its_draft() -> None:
-    data = _encode(_photo(3000, 2000))  # 6 MP; 750x500 at the 1/4 draft scale
+    data = _encode(gradient_photo(3000, 2000))  # 6 MP; 750x500 at the 1/4 draft scale
     with pytest.raises(ImageTooLargeError, match=r"3000x2000 pixels \(6 MP\); the limit is 5 MP"):
         decode(data, min_side=256, limits=DecodeLimits(max_image_pixels=5_000_000))
     assert decode(data, min_side=256, limits=DecodeLimits(max_image_pixels=6_000_000)).size == (
@@ -260,7 +240,7 @@ def test_run_length_encoded_bmp_is_refused_before_decoding() -> None:
         "the image is a run-length-encoded (RLE) BMP, which this server does not decode; send it "
         "as PNG or JPEG"
     )
-    assert decode(_encode(_photo(16, 4), "BMP")).size == (16, 4)  # uncompressed BMP is fine
+    assert decode(_encode(gradient_photo(16, 4), "BMP")).size == (16, 4)  # uncompressed BMP is fine
 
 
 # --- progressive JPEG scans ----------------------------------------------------------------------
@@ -268,7 +248,7 @@ def test_run_length_encoded_bmp_is_refused_before_decoding() -> None:
 
 @pytest.mark.parametrize(("mode", "scans"), [("RGB", 10), ("L", 6)])
 def test_scans_of_a_progressive_jpeg_are_counted(mode: str, scans: int) -> None:
-    image = _photo(64, 48).convert(mode)
+    image = gradient_photo(64, 48).convert(mode)
     _, header = open_image(_encode(image, progressive=True), DecodeLimits())
     assert header.scans == scans  # libjpeg's default progression for 3 and 1 components
     _, baseline = open_image(_encode(image), DecodeLimits())
@@ -300,22 +280,22 @@ def test_estimates_count_the_stored_mode_and_the_conversion_to_rgb() -> None:
     assert header.mode == "I;16"
     # 2 bytes stored, then NumPy's copy (2), its shifted copy (2) and the 8-bit result (1).
     assert header.estimated_bytes == MiB + n * (2 + 5)
-    _, header = open_image(_encode(_photo(100, 80).convert("RGBA"), "PNG"), DecodeLimits())
+    _, header = open_image(_encode(gradient_photo(100, 80).convert("RGBA"), "PNG"), DecodeLimits())
     assert header.estimated_bytes == MiB + n * (4 + 5)  # RGBA, a white canvas and the alpha band
-    _, header = open_image(_encode(_photo(100, 80), "PNG"), DecodeLimits())
+    _, header = open_image(_encode(gradient_photo(100, 80), "PNG"), DecodeLimits())
     assert header.estimated_bytes == MiB + n * 4  # RGB is decoded as is
 
 
 def test_estimates_count_an_exif_rotation() -> None:
     exif = Image.Exif()
     exif[0x0112] = 6
-    upright = open_image(_encode(_photo(400, 200)), DecodeLimits())[1]
-    rotated = open_image(_encode(_photo(400, 200), exif=exif.tobytes()), DecodeLimits())[1]
+    upright = open_image(_encode(gradient_photo(400, 200)), DecodeLimits())[1]
+    rotated = open_image(_encode(gradient_photo(400, 200), exif=exif.tobytes()), DecodeLimits())[1]
     assert rotated.estimated_bytes - upright.estimated_bytes == 400 * 200 * 4
 
 
 def test_a_progressive_jpeg_costs_its_full_size_coefficients_at_any_draft_scale() -> None:
-    image = _photo(3000, 2000)
+    image = gradient_photo(3000, 2000)
     baseline = open_image(_encode(image), DecodeLimits(), min_side=256)[1]
     progressive = open_image(_encode(image, progressive=True), DecodeLimits(), min_side=256)[1]
     assert baseline.estimated_bytes == MiB + 750 * 500 * 4  # the draft scale, decoded row by row
@@ -325,15 +305,15 @@ def test_a_progressive_jpeg_costs_its_full_size_coefficients_at_any_draft_scale(
 
 
 def test_a_thumbnail_inside_a_baseline_jpeg_is_not_taken_for_a_second_scan() -> None:
-    data = _encode(_photo(3000, 2000))
-    thumbnail = _encode(_photo(160, 120), progressive=True)
+    data = _encode(gradient_photo(3000, 2000))
+    thumbnail = _encode(gradient_photo(160, 120), progressive=True)
     with_thumbnail = data[:2] + _segment(0xE2, thumbnail) + data[2:]
     plain = open_image(data, DecodeLimits(), min_side=256)[1]
     assert open_image(with_thumbnail, DecodeLimits(), min_side=256)[1] == plain
 
 
 def test_an_image_over_the_memory_limit_is_refused_from_its_header() -> None:
-    data = _encode(_photo(100, 80).convert("RGBA"), "PNG")
+    data = _encode(gradient_photo(100, 80).convert("RGBA"), "PNG")
     estimate = MiB + 100 * 80 * 9
     assert decode(data, limits=DecodeLimits(max_decode_bytes=estimate)).size == (100, 80)
     with pytest.raises(ImageTooLargeError, match=r"about 1\.1 MiB; the limit is 1\.1 MiB") as info:

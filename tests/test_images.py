@@ -4,23 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from PIL import Image
 from torchvision import transforms
 
 from container.decoding import Preprocessing
 from container.images import normalize, random_resized_box, random_resized_crop, to_uint8_hwc
-
-
-def _photo(width: int, height: int, seed: int = 0, noise_level: float = 20) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    gradient = np.linspace(0, 255, width, dtype=np.float32)[None, :, None]
-    noise = rng.normal(0, noise_level, (height, width, 3))
-    pixels = np.clip(gradient + noise + [0, 40, 80], 0, 255).astype(np.uint8)
-    return Image.fromarray(pixels, "RGB")
+from tests.crafted import gradient_photo
 
 
 def test_random_resized_crop_draws_only_from_its_generator() -> None:
-    image = _photo(300, 200)
+    image = gradient_photo(300, 200)
     first = np.asarray(random_resized_crop(image, 64, torch.Generator().manual_seed(5)))
     torch.manual_seed(1)  # the global generator plays no part
     second = np.asarray(random_resized_crop(image, 64, torch.Generator().manual_seed(5)))
@@ -46,7 +38,7 @@ def test_random_resized_box_follows_torchvision_s_distribution() -> None:
 
 def test_normalize_is_torchvision_normalize_in_channels_last() -> None:
     prep = Preprocessing.for_image_size(32)
-    images = [_photo(32, 32, seed=s) for s in range(3)]
+    images = [gradient_photo(32, 32, seed=s) for s in range(3)]
     batch = torch.stack([to_uint8_hwc(image) for image in images])
     ours = normalize(batch, prep, torch.device("cpu"))
     reference = transforms.Compose(

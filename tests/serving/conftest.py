@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,6 +114,17 @@ def start_server(base: Path, log: Path, env: Mapping[str, str] | None = None) ->
             text=True,
         )
     return Server(process, port, log)
+
+
+@contextmanager
+def serving(base: Path, log: Path, env: Mapping[str, str] | None = None) -> Iterator[Server]:
+    """A server on `base`, once `/ping` says 200; stopped at the end, where it must exit 0."""
+    running = start_server(base, log, env)
+    try:
+        running.wait_until(200)
+        yield running
+    finally:
+        assert running.stop() == 0
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,6 @@ import socket
 import struct
 import threading
 import time
-import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -27,7 +26,8 @@ import pytest
 from PIL import Image
 
 from container.sagemaker_env import OptMl
-from tests.serving.conftest import Server, encoded, jpeg, photo, start_server
+from tests.crafted import png_header
+from tests.serving.conftest import Server, encoded, jpeg, photo, serving
 
 MiB = 1 << 20
 MEMORY_BOUND = 150 * MiB
@@ -46,22 +46,6 @@ def _npy(shape: tuple[int, ...], data: bytes) -> bytes:
 
 def _b64_list(images: list[bytes]) -> bytes:
     return json.dumps([base64.b64encode(i).decode() for i in images]).encode()
-
-
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    body = kind + data
-    return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-
-def _png_claiming(width: int, height: int) -> bytes:
-    """A PNG whose header says width x height (8-bit RGB) over a few bytes of data."""
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + _chunk(b"IHDR", header)
-        + _chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-        + _chunk(b"IEND", b"")
-    )
 
 
 def _slow_jpeg() -> bytes:
@@ -100,7 +84,7 @@ HOSTILE = {
         lambda: _npy((1_000_000, 1_000_000, 3), b"\x00" * 16), "application/x-npy", 400, ".npy"
     ),
     "a PNG header claiming 50000x50000": Hostile(
-        lambda: _png_claiming(50_000, 50_000), "image/png", 413, "SERVE_MAX_IMAGE_PIXELS"
+        lambda: png_header(50_000, 50_000), "image/png", 413, "SERVE_MAX_IMAGE_PIXELS"
     ),
     "three 36 MP images in one request": Hostile(
         lambda: _b64_list([encoded(Image.new("1", (6000, 6000)), "PNG")] * 3),
@@ -172,17 +156,13 @@ def _healthy(pings: list[tuple[int, float]]) -> None:
 
 @pytest.fixture(scope="module")
 def guarded(trained: OptMl, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    running = start_server(
+    with serving(
         trained.base,
         tmp_path_factory.mktemp("hostile") / "serve.log",
         {"SERVE_BODY_TIMEOUT_S": "2"},
-    )
-    try:
-        running.wait_until(200)
+    ) as running:
         assert running.post(jpeg(photo())).status_code == 200  # every allocation made once
         yield running
-    finally:
-        assert running.stop() == 0
 
 
 @pytest.mark.parametrize("name", list(HOSTILE))
@@ -241,13 +221,11 @@ def test_a_wedged_decoder_is_replaced_while_others_are_answered(
     trained: OptMl, tmp_path: Path
 ) -> None:
     slow = _slow_jpeg()
-    server = start_server(
+    with serving(
         trained.base,
         tmp_path / "serve.log",
         {"SERVE_DECODE_TIMEOUT_S": "0.2", "SERVE_DECODERS": "2"},
-    )
-    try:
-        server.wait_until(200)
+    ) as server:
         normal = jpeg(photo())
         answered: list[int] = []  # statuses of requests sent while the wedges were in
         with pinging(server) as pings, ThreadPoolExecutor(4) as pool:
@@ -266,18 +244,14 @@ def test_a_wedged_decoder_is_replaced_while_others_are_answered(
         assert set(answered) == {200}
         _healthy(pings)
         assert "Replacing decoder process" in server.logs()
-    finally:
-        assert server.stop() == 0
 
 
 def test_more_clients_than_the_queue_holds_get_fast_503s(trained: OptMl, tmp_path: Path) -> None:
-    server = start_server(
+    with serving(
         trained.base,
         tmp_path / "serve.log",
         {"SERVE_MAX_QUEUED_IMAGES": "2", "SERVE_MAX_BATCH_SIZE": "1"},
-    )
-    try:
-        server.wait_until(200)
+    ) as server:
         body = jpeg(photo(1024, 768))
 
         def call(_: int) -> httpx.Response:
@@ -297,21 +271,17 @@ def test_more_clients_than_the_queue_holds_get_fast_503s(trained: OptMl, tmp_pat
         # The queue drains: the server answers at once again.
         assert server.client.get("/ping").status_code == 200
         assert server.post(body).status_code == 200
-    finally:
-        assert server.stop() == 0
 
 
 def test_ping_says_503_while_images_wait_too_long_for_a_decoder(
     trained: OptMl, tmp_path: Path
 ) -> None:
     slow = _slow_jpeg()
-    server = start_server(
+    with serving(
         trained.base,
         tmp_path / "serve.log",
         {"SERVE_DECODERS": "1", "SERVE_STALL_S": "0.5"},
-    )
-    try:
-        server.wait_until(200)
+    ) as server:
         reasons = []
         with ThreadPoolExecutor(2) as pool:
             slow_ones = [pool.submit(server.post, slow) for _ in range(2)]
@@ -323,5 +293,3 @@ def test_ping_says_503_while_images_wait_too_long_for_a_decoder(
         assert [s.result().status_code for s in slow_ones] == [200, 200]
         assert any("waited" in r and "for a decoder" in r for r in reasons), reasons
         server.wait_until(200, timeout=10)
-    finally:
-        assert server.stop() == 0

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import shutil
-import struct
 import tarfile
 import zipfile
-import zlib
 from pathlib import Path
 
 import pytest
@@ -21,6 +19,7 @@ from container.training.data import (
     probe_images,
 )
 from container.training.errors import DataError
+from tests.crafted import png_header
 
 
 def _channels(data: Path, *names: str, **overrides: Channel) -> dict[str, Channel]:
@@ -217,18 +216,8 @@ def test_an_image_over_the_pixel_limit_is_reported_as_unreadable(
 ) -> None:
     """Training decodes with the server's pixel cap: what the endpoint would refuse is skipped."""
     huge = data / "train" / "004.Akita" / "huge.png"
-    huge.write_bytes(_png_header(8000, 6000))  # 48 MP; no image data is needed to refuse it
+    huge.write_bytes(png_header(8000, 6000))  # 48 MP; no image data is needed to refuse it
     splits = _load(_channels(data, "train", "valid"), tmp_path / "scratch")
     bad = {Path(b.path).name: b.reason for b in splits.train.bad}
     assert bad["huge.png"].startswith("the image is 8000x6000 pixels (48 MP); the limit is 40 MP")
     assert str(huge) not in {path for path, _ in splits.train.samples}
-
-
-def _png_header(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-        )
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
