@@ -6,7 +6,7 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.t
 DEMO ?= opt_ml
 TS_VENV ?= /tmp/ts
 
-.PHONY: install test lint run bench bench-serve bench-image container-deps clean
+.PHONY: install test lint run bench bench-serve bench-soak bench-image container-deps clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -41,6 +41,9 @@ $(TS_VENV)/bin/torchserve: # TorchServe pins its own dependencies: a venv of its
 
 bench-serve: install $(TS_VENV)/bin/torchserve ## serving throughput against a naive server and TorchServe (needs wrk, java) -> docs/benchmarks.md
 	$(PY) -m bench.serve_load --torchserve-venv $(TS_VENV)
+
+bench-soak: install ## our server for 10 minutes under valid, oversized and hostile requests: RSS, /ping, no 500 -> docs/benchmarks.md
+	$(PY) -m bench.serve_soak
 
 bench-image: install container-deps ## image sizes (CUDA; CPU computed) and cold start to a 200 /ping -> docs/image.md
 	$(PY) -m bench.image

@@ -24,14 +24,18 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]], labels: int =
     return "\n".join("| " + " | ".join(line) + " |" for line in lines)
 
 
-def replace_section(path: Path, name: str, body: str) -> None:
-    """Put `body` between the `name` markers of `path`: replaced if there, else appended."""
+def replace_section(path: Path, name: str, body: str, after: str | None = None) -> None:
+    """Put `body` between the `name` markers of `path`: replaced if there, else put right after
+    the section `after` (when there is one), else appended."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     block = f"{start}\n{body.strip()}\n{end}"
     text = path.read_text(encoding="utf-8") if path.exists() else _NEW_DOCUMENT
     first, last = text.find(start), text.find(end)
+    previous = f"<!-- {after}:end -->" if after else None
     if first != -1 and last > first:
         text = text[:first] + block + text[last + len(end) :]
+    elif previous and previous in text:
+        text = text.replace(previous, f"{previous}\n\n{block}", 1)
     else:
         text = f"{text.rstrip()}\n\n{block}\n"
     path.parent.mkdir(parents=True, exist_ok=True)
