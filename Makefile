@@ -6,7 +6,7 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.t
 DEMO ?= opt_ml
 TS_VENV ?= /tmp/ts
 
-.PHONY: install test lint run bench bench-serve bench-soak bench-image container-deps clean
+.PHONY: install test test-fast lint run bench bench-serve bench-soak bench-image container-deps clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,6 +27,9 @@ container-deps: ## a docker engine, the base image and the host's CA certificate
 
 test: lint container-deps ## the whole test suite (what CI runs)
 	$(VENV)/bin/pytest
+
+test-fast: lint ## the tests that need no docker engine, no moto server and no training job of their own
+	$(VENV)/bin/pytest -m "not docker and not aws and not slow"
 
 run: install ## train a demo model if there is none, then serve it on :8080 (DATA=dataset or model.tar.gz)
 	$(PY) -m container.quickstart $(DATA) --opt-ml $(DEMO)

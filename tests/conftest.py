@@ -141,6 +141,23 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+_CONTAINER_TESTS = Path(__file__).resolve().parent / "container"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Markers from what each test needs, so that `make test-fast` can leave out the long ones:
+    `docker` (the real image: tests/container), `aws` (the moto server, through the SageMaker SDK
+    or boto3), `slow` (training jobs of its own: the `job` fixture)."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if item.path.is_relative_to(_CONTAINER_TESTS):
+            item.add_marker(pytest.mark.docker)
+        if "moto_server" in fixtures:
+            item.add_marker(pytest.mark.aws)
+        if "job" in fixtures:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """4 learnable classes; train has one truncated JPEG; 1 in 5 images is a PNG."""
