@@ -129,7 +129,7 @@ class ServerState:
         settings = self.settings
         started = time.monotonic()
         try:
-            self.predictor = await asyncio.get_running_loop().run_in_executor(
+            predictor = await asyncio.get_running_loop().run_in_executor(
                 self.model_thread,
                 load_predictor,
                 settings.opt_ml.model_dir,
@@ -155,10 +155,9 @@ class ServerState:
             self.failure = f"loading the model failed ({type(exc).__name__}); see the server log"
             logger.exception("Not serving: loading the model failed")
             return
-        predictor = self.predictor
-        self.predictor = None  # not ready until the decoders are
+        decoder_count = _decoder_count(settings)
         decoders = DecoderPool(
-            _decoder_count(settings),
+            decoder_count,
             WorkerConfig(
                 predictor.prep,
                 DecodeLimits(
@@ -182,7 +181,7 @@ class ServerState:
             predictor.model_version,
             predictor.form,
             self.max_batch_size,
-            _decoder_count(settings),
+            decoder_count,
             self.max_queued_images,
         )
 
@@ -379,7 +378,7 @@ class _Invocation:
         too_large = [(item, o) for item, o in failed if isinstance(o, ImageTooLargeError)]
         if too_large:
             item, exc = too_large[0]
-            setting = DECODE_LIMIT_SETTINGS.get(exc.limit, exc.limit)
+            setting = DECODE_LIMIT_SETTINGS[exc.limit]
             raise over_limit(f"{item.name}: {exc}", setting)
         if failed:
             named = "; ".join(f"{item.name}: {exc}" for item, exc in failed[:_MAX_NAMED_ERRORS])

@@ -18,8 +18,10 @@ DECODE_LIMIT_SETTINGS = {
     "max_image_pixels": "max_image_pixels",
     "max_jpeg_scans": "max_jpeg_scans",
     "max_decode_bytes": "decode_memory_mb",
+    "decode_timeout_s": "decode_timeout_s",  # the decoder pool's own limit
 }
-"""`container.decoding.DecodeLimits` field -> the `ServeSettings` field that sets it."""
+"""The limit an `ImageTooLargeError` names (a `container.decoding.DecodeLimits` field, or the
+decoder pool's time budget) -> the `ServeSettings` field that sets it."""
 
 
 def over_limit(message: str, setting: str) -> PayloadTooLargeError:
