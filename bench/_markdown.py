@@ -6,9 +6,10 @@ re-running it rewrites its own numbers and leaves every other section of the fil
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
+
+from container.atomic import write_text_atomically
 
 __all__ = ["replace_section", "table"]
 
@@ -38,7 +39,4 @@ def replace_section(path: Path, name: str, body: str, after: str | None = None) 
         text = text.replace(previous, f"{previous}\n\n{block}", 1)
     else:
         text = f"{text.rstrip()}\n\n{block}\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomically(path, text)

@@ -20,7 +20,15 @@ from typing import Any, Literal
 
 import torch
 
-from container.sagemaker_env import encode_hyperparameters
+from container.sagemaker_env import (
+    BASE_DIR_ENV,
+    EVALUATION_JSON,
+    PROFILE_JSON,
+    REQUIRED_CHANNELS,
+    OptMl,
+    encode_hyperparameters,
+    write_training_config,
+)
 
 __all__ = ["REPO", "Configuration", "LoopResult", "host_cores", "run_ours", "run_reference"]
 
@@ -126,28 +134,24 @@ def _run(command: list[str], log: Path, env: Mapping[str, str] | None = None) ->
     return seconds
 
 
-def _opt_ml(base: Path, data: Path, hyperparameters: Mapping[str, object]) -> Path:
-    """An /opt/ml tree with train and valid channels copied from `data`."""
-    for channel in ("train", "valid"):
-        shutil.copytree(data / channel, base / "input" / "data" / channel)
-    config = base / "input" / "config"
-    config.mkdir(parents=True)
-    channels = {name: {"TrainingInputMode": "File"} for name in ("train", "valid")}
-    (config / "inputdataconfig.json").write_text(json.dumps(channels, indent=1))
-    values = encode_hyperparameters(hyperparameters)
-    (config / "hyperparameters.json").write_text(json.dumps(values, indent=1))
-    return base
+def _opt_ml(base: Path, data: Path, hyperparameters: Mapping[str, object]) -> OptMl:
+    """An /opt/ml tree with the required channels (train and valid) copied from `data`."""
+    opt_ml = OptMl(base)
+    for channel in REQUIRED_CHANNELS:
+        shutil.copytree(data / channel, opt_ml.channel_dir(channel))
+    write_training_config(opt_ml, REQUIRED_CHANNELS, hyperparameters)
+    return opt_ml
 
 
 def run_ours(data: Path, work: Path, config: Configuration, round_: int) -> LoopResult:
     """The real `train` entry point on a fresh /opt/ml tree; numbers from its reports."""
-    base = _opt_ml(work / "opt_ml", data, config.job_hyperparameters)
-    env = {**os.environ, "SAGEMAKER_BASE_DIR": str(base)}
+    opt_ml = _opt_ml(work / "opt_ml", data, config.job_hyperparameters)
+    env = {**os.environ, BASE_DIR_ENV: str(opt_ml.base)}
     cores = host_cores()
     seconds = _run([sys.executable, str(REPO / "train")], work / "train.log", env)
-    reports = base / "output" / "data"
-    profile = json.loads((reports / "profile.json").read_text())
-    evaluation = json.loads((reports / "evaluation.json").read_text())
+    reports = opt_ml.output_data_dir
+    profile = json.loads((reports / PROFILE_JSON).read_text())
+    evaluation = json.loads((reports / EVALUATION_JSON).read_text())
     phases = [e["seconds"] for e in profile["epochs"]]
     return LoopResult(
         loop="ours",

@@ -26,6 +26,7 @@ import httpx
 import torch
 
 from bench._runs import REPO
+from container.sagemaker_env import BASE_DIR_ENV, OptMl
 
 __all__ = [
     "Endpoint",
@@ -150,12 +151,12 @@ def _clean_environment() -> dict[str, str]:
 
 
 @contextmanager
-def ours(opt_ml: Path, work: Path, photo: bytes) -> Iterator[Endpoint]:
+def ours(opt_ml: OptMl, work: Path, photo: bytes) -> Iterator[Endpoint]:
     """`python -m container.serving` on `opt_ml` (model/ holds the artifact), default settings."""
     (port,) = free_ports(1)
     env = {
         **_clean_environment(),
-        "SAGEMAKER_BASE_DIR": str(opt_ml),
+        BASE_DIR_ENV: str(opt_ml.base),
         "SAGEMAKER_BIND_TO_PORT": str(port),
     }
     log = work / "ours.log"

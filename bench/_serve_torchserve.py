@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 
 from bench._serve_servers import Endpoint, free_ports, running, wait_until_serving
+from container.model import CLASSES_FILE, WEIGHTS_FILE
 
 __all__ = ["MODEL_NAME", "Batching", "archive", "torchserve", "unavailable", "version"]
 
@@ -71,7 +72,7 @@ def version(venv: Path) -> str:
 def archive(venv: Path, model_dir: Path, store: Path) -> None:
     """`torch-model-archiver`: the artifact in `model_dir` as `<store>/resnet18.mar`."""
     store.mkdir(parents=True, exist_ok=True)
-    classes = json.loads((model_dir / "classes.json").read_text())
+    classes = json.loads((model_dir / CLASSES_FILE).read_text())
     names = store / "index_to_name.json"
     names.write_text(json.dumps({str(i): name for i, name in enumerate(classes)}))
     command = [
@@ -79,7 +80,7 @@ def archive(venv: Path, model_dir: Path, store: Path) -> None:
         "--model-name", MODEL_NAME,
         "--version", "1.0",
         "--model-file", str(_MODEL_FILE),
-        "--serialized-file", str(model_dir / "model.pt"),
+        "--serialized-file", str(model_dir / WEIGHTS_FILE),
         "--handler", "image_classifier",
         "--extra-files", str(names),
         "--export-path", str(store),

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from bench._serve_fixtures import ImageSet
-from container.serving.app import CUSTOM_ATTRIBUTES
+from container.invocations import CUSTOM_ATTRIBUTES
 from container.serving.settings import MiB, ServeSettings
 
 __all__ = ["KINDS", "Kind", "Request", "build_requests", "describe"]

@@ -6,8 +6,8 @@ flavour, computed rather than built, since its torch index is not reachable here
 packages and the CUDA torch out, a CPU torch wheel from this disk in); and the seconds from
 `docker run IMAGE serve` to the first HTTP answer and to a 200 from /ping, for a model trained in
 the image and handed over both as the flat /opt/ml/model folder `train` writes and as a
-model.tar.gz in that folder. Regenerates the whole of docs/image.md; progress goes to stderr and
-the document to stdout.
+model.tar.gz in that folder. Rewrites the `image` section of docs/image.md (the measured half;
+the prose above it is by hand); progress goes to stderr and the section to stdout.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import statistics
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,9 +29,11 @@ from pathlib import Path
 
 import httpx
 
-from bench._markdown import table
+from bench._cli import add_output_argument, command, log_to_stderr, work_in
+from bench._markdown import replace_section, table
 from bench._report import machine
 from bench._runs import REPO, host_cores
+from container.model import WEIGHTS_FILE
 from container.sagemaker_env import OptMl
 from container.sample_data import SampleSpec, make_opt_ml
 
@@ -41,7 +42,8 @@ __all__ = ["BenchSettings", "main"]
 logger = logging.getLogger(__name__)
 
 SERVERLESS_CAP = 10 * 10**9
-"""SageMaker serverless inference's largest image: "10 GB" (CONTRACT.md §1.2), read strictly."""
+"""SageMaker serverless inference's largest image: "10 GB", read strictly
+(docs/sagemaker-contract.md §1.2)."""
 SERVERLESS_PING_S = 180.0
 """Serverless: the model must download and /ping answer 200 within 3 minutes."""
 _CPU_WHEEL = Path("/opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl")
@@ -332,7 +334,7 @@ class Measured:
 
 
 def render(m: Measured, settings: BenchSettings, seconds: float) -> str:
-    """The whole of docs/image.md."""
+    """The measured section of docs/image.md."""
     files, size = m.files, m.image_size
     torch, cpu_torch = files.packages["torch"][0], m.cpu.packages["torch"][0]
     torchvision = _mb(files.size(["torchvision"]))
@@ -340,10 +342,9 @@ def render(m: Measured, settings: BenchSettings, seconds: float) -> str:
     cpu_terms, cap = _cpu_tables(files, size, m.cpu, settings.cpu_wheel)
     summary, every = _cold_start_tables(m.starts)
     hyperparameters = ", ".join(f"{k}={v}" for k, v in _HYPERPARAMETERS.items())
-    return f"""# The image
-
-How big the image is, where its bytes go, and how soon a fresh container answers /ping with 200,
-measured by `bench/image.py`. MB and GB are 10^6 and 10^9 bytes, as docker prints them.
+    return f"""How big the image is, where its bytes go, and how soon a fresh container
+answers /ping with 200, measured by `bench/image.py`. MB and GB are 10^6 and 10^9 bytes, as docker
+prints them.
 
 ## Size
 
@@ -454,21 +455,21 @@ def _measure(settings: BenchSettings, work: Path) -> Measured:
         files=files,
         cpu=cpu,
         starts=starts,
-        model_bytes=(model_dir / "model.pt").stat().st_size,
+        model_bytes=(model_dir / WEIGHTS_FILE).stat().st_size,
         tarball_bytes=(OptMl(trees[_LAYOUTS[1]]).model_dir / "model.tar.gz").stat().st_size,
         docker_version=_docker("version", "--format", "{{.Server.Version}}").strip(),
     )
 
 
 def main(settings: BenchSettings) -> str:
-    """Measure, write the whole document to `settings.output` and return it."""
+    """Measure, write the `image` section of `settings.output` and return it."""
     started = time.monotonic()
     if not settings.cpu_wheel.is_file():
         raise FileNotFoundError(f"no CPU torch wheel at {settings.cpu_wheel}; pass --cpu-wheel")
-    with tempfile.TemporaryDirectory(prefix="bench-image-") as tmp:
-        measured = _measure(settings, Path(tmp))
+    with work_in(None, "bench-image-") as work:
+        measured = _measure(settings, work)
     document = render(measured, settings, time.monotonic() - started)
-    settings.output.write_text(document, encoding="utf-8")
+    replace_section(settings.output, "image", document)
     logger.info("Wrote %s after %.0f s", settings.output, time.monotonic() - started)
     return document
 
@@ -489,29 +490,20 @@ def _parse(argv: list[str] | None = None) -> BenchSettings:
         default=_CPU_WHEEL,
         help=f"CPU-only torch wheel for the CPU flavour's size (default: {_CPU_WHEEL})",
     )
-    parser.add_argument(
-        "--output",
-        type=Path,
-        default=REPO / "docs" / "image.md",
-        help="Markdown file to write, replaced whole (default: docs/image.md)",
-    )
+    add_output_argument(parser, "image.md", "whose `image` section to rewrite")
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
-    shown = sys.argv[1:] if argv is None else argv
     return BenchSettings(
         image=args.image,
         base_image=args.base_image,
         runs=args.runs,
         cpu_wheel=args.cpu_wheel,
         output=args.output,
-        command=" ".join([".venv/bin/python -m bench.image", *shown]),
+        command=command("bench.image", argv),
     )
 
 
 if __name__ == "__main__":
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr
-    )
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per /ping
+    log_to_stderr()
     print(main(_parse()))

@@ -16,8 +16,6 @@ import argparse
 import importlib.metadata
 import logging
 import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack
@@ -25,13 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import _serve_torchserve as ts
+from bench._cli import add_output_argument, add_workdir_argument, command, log_to_stderr, work_in
 from bench._markdown import replace_section
-from bench._runs import REPO
 from bench._serve_fixtures import ImageSet, make_artifact, make_photos
 from bench._serve_report import Kind, Method, ServerResult, render
 from bench._serve_servers import Endpoint, ServerError, naive, ours
 from bench._serve_wrk import measure, warm_up, wrk_version
 from container.devices import cpu_has_bf16
+from container.sagemaker_env import OptMl
 
 __all__ = ["SECTION", "SERVERS", "BenchSettings", "main"]
 
@@ -79,12 +78,8 @@ class _Files:
     """What the servers are given: the /opt/ml tree (model/ = the artifact) and the photos."""
 
     work: Path
-    opt_ml: Path
+    opt_ml: OptMl
     photos: list[ImageSet]
-
-    @property
-    def model_dir(self) -> Path:
-        return self.opt_ml / "model"
 
     @property
     def probe(self) -> bytes:
@@ -134,7 +129,7 @@ def _starter(name: str, files: _Files, settings: BenchSettings) -> Start:
     if name == "ours":
         return lambda: ours(files.opt_ml, work, files.probe)
     if name == "naive":
-        return lambda: naive(files.model_dir, work, files.probe)
+        return lambda: naive(files.opt_ml.model_dir, work, files.probe)
     batching = settings.ts_batching if name == "torchserve-batched" else None
     threads = 1 if name == "torchserve-1-thread" else None
     store = files.work / "model-store"
@@ -187,7 +182,7 @@ def _prepare_torchserve(
     reason = ts.unavailable(settings.torchserve_venv)
     if reason is None:
         try:
-            ts.archive(settings.torchserve_venv, files.model_dir, files.work / "model-store")
+            ts.archive(settings.torchserve_venv, files.opt_ml.model_dir, files.work / "model-store")
         except subprocess.CalledProcessError as exc:
             reason = f"torch-model-archiver failed: {exc.stderr.decode(errors='replace')[-500:]}"
     for result in wanted:
@@ -219,8 +214,8 @@ def _photos_line(photos: Sequence[ImageSet]) -> str:
 
 
 def _benchmark(settings: BenchSettings, work: Path) -> str:
-    opt_ml = work / "opt_ml"
-    make_artifact(opt_ml / "model", _ARTIFACT_SEED)
+    opt_ml = OptMl(work / "opt_ml")
+    make_artifact(opt_ml.model_dir, _ARTIFACT_SEED)
     photos = make_photos(work / "photos", settings.sizes, settings.photos_per_size, _PHOTO_SEED)
     files = _Files(work, opt_ml, photos)
     results = [ServerResult(_label(n, settings), *_setup(n, settings)) for n in settings.servers]
@@ -242,12 +237,8 @@ def _benchmark(settings: BenchSettings, work: Path) -> str:
 def main(settings: BenchSettings) -> str:
     """Run the benchmark, write its section into `settings.output` and return that section."""
     started = time.monotonic()
-    if settings.workdir is not None:
-        settings.workdir.mkdir(parents=True, exist_ok=True)
-        section = _benchmark(settings, Path(tempfile.mkdtemp(dir=settings.workdir)))
-    else:
-        with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
-            section = _benchmark(settings, Path(tmp))
+    with work_in(settings.workdir, "bench-serve-") as work:
+        section = _benchmark(settings, work)
     replace_section(settings.output, SECTION, section)
     logger.info(
         "Wrote the %s section of %s after %.0f s",
@@ -321,23 +312,10 @@ def _parse(argv: list[str] | None = None) -> BenchSettings:
         default=TS_BATCHING.delay_ms,
         help=f"maxBatchDelay of the batched TorchServe (default: {TS_BATCHING.delay_ms})",
     )
-    parser.add_argument(
-        "--output",
-        type=Path,
-        default=REPO / "docs" / "benchmarks.md",
-        help="Markdown file whose serving-throughput section is replaced "
-        "(default: docs/benchmarks.md)",
-    )
-    parser.add_argument(
-        "--workdir",
-        type=Path,
-        default=None,
-        help="keep the artifact, photos, model store and server logs under this folder "
-        "(default: a temporary folder, deleted afterwards)",
-    )
+    add_output_argument(parser, "benchmarks.md", "whose serving-throughput section is replaced")
+    add_workdir_argument(parser, "the artifact, photos, model store and server logs")
     args = parser.parse_args(argv)
     quick = args.quick
-    shown = sys.argv[1:] if argv is None else argv
     return BenchSettings(
         sizes=tuple(args.sizes or (_QUICK_SIZES if quick else SIZES)),
         connections=_QUICK_CONNECTIONS if quick else CONNECTIONS,
@@ -349,13 +327,10 @@ def _parse(argv: list[str] | None = None) -> BenchSettings:
         ts_batching=ts.Batching(args.ts_batch_size, args.ts_batch_delay_ms),
         output=args.output,
         workdir=args.workdir,
-        command=" ".join([".venv/bin/python -m bench.serve_load", *shown]),
+        command=command("bench.serve_load", argv),
     )
 
 
 if __name__ == "__main__":
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr
-    )
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per readiness probe
+    log_to_stderr()
     print(main(_parse()))

@@ -24,7 +24,6 @@ import logging
 import multiprocessing
 import random
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -36,8 +35,8 @@ from pathlib import Path
 import httpx
 import psutil
 
+from bench._cli import add_output_argument, add_workdir_argument, command, log_to_stderr, work_in
 from bench._markdown import replace_section
-from bench._runs import REPO
 from bench._serve_fixtures import make_artifact, make_photos
 from bench._serve_servers import ours
 from bench._soak_report import (
@@ -55,6 +54,7 @@ from bench._soak_report import (
 from bench._soak_requests import KINDS, Request, build_requests, describe
 from bench.serve_load import SECTION as THROUGHPUT_SECTION
 from bench.serve_load import SIZES
+from container.sagemaker_env import OptMl
 from container.serving.settings import ServeSettings
 
 __all__ = ["CONNECTIONS", "SECTION", "SoakSettings", "main"]
@@ -243,8 +243,8 @@ def _server_process() -> psutil.Process:
 
 
 def _benchmark(settings: SoakSettings, work: Path) -> tuple[str, bool]:
-    opt_ml = work / "opt_ml"
-    make_artifact(opt_ml / "model", _ARTIFACT_SEED)
+    opt_ml = OptMl(work / "opt_ml")
+    make_artifact(opt_ml.model_dir, _ARTIFACT_SEED)
     photos = make_photos(work / "photos", SIZES, _PHOTOS_PER_SIZE, _PHOTO_SEED)
     limits = ServeSettings.from_environ({})  # our server's defaults, which it runs with here
     requests = build_requests(photos, limits)
@@ -284,12 +284,8 @@ def main(settings: SoakSettings) -> tuple[str, bool]:
     Returns the section and whether every criterion was met.
     """
     started = time.monotonic()
-    if settings.workdir is not None:
-        settings.workdir.mkdir(parents=True, exist_ok=True)
-        section, passed = _benchmark(settings, Path(tempfile.mkdtemp(dir=settings.workdir)))
-    else:
-        with tempfile.TemporaryDirectory(prefix="bench-soak-") as tmp:
-            section, passed = _benchmark(settings, Path(tmp))
+    with work_in(settings.workdir, "bench-soak-") as work:
+        section, passed = _benchmark(settings, work)
     if settings.write:
         replace_section(settings.output, SECTION, section, after=THROUGHPUT_SECTION)
         logger.info(
@@ -315,41 +311,26 @@ def _parse(argv: list[str] | None = None) -> SoakSettings:
         default=CONNECTIONS,
         help=f"concurrent keep-alive connections sending requests (default: {CONNECTIONS})",
     )
-    parser.add_argument(
-        "--output",
-        type=Path,
-        default=REPO / "docs" / "benchmarks.md",
-        help="Markdown file whose serve-soak section is replaced (default: docs/benchmarks.md)",
-    )
+    add_output_argument(parser, "benchmarks.md", "whose serve-soak section is replaced")
     parser.add_argument(
         "--no-write",
         action="store_true",
         help="print the section but leave the output file alone (for trial runs)",
     )
-    parser.add_argument(
-        "--workdir",
-        type=Path,
-        default=None,
-        help="keep the artifact, photos and server log under this folder "
-        "(default: a temporary folder, deleted afterwards)",
-    )
+    add_workdir_argument(parser, "the artifact, photos and server log")
     args = parser.parse_args(argv)
-    shown = sys.argv[1:] if argv is None else argv
     return SoakSettings(
         seconds=args.minutes * 60,
         connections=args.connections,
         output=args.output,
         write=not args.no_write,
         workdir=args.workdir,
-        command=" ".join([".venv/bin/python -m bench.serve_soak", *shown]),
+        command=command("bench.serve_soak", argv),
     )
 
 
 if __name__ == "__main__":
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr
-    )
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request
+    log_to_stderr()
     section, passed = main(_parse())
     print(section)
     sys.exit(0 if passed else 1)

@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench._cli import add_output_argument, add_workdir_argument, command, log_to_stderr, work_in
 from bench._markdown import replace_section
 from bench._report import ConfigResults, render
-from bench._runs import REPO, Configuration, LoopResult, run_ours, run_reference
+from bench._runs import Configuration, LoopResult, run_ours, run_reference
 from container.sample_data import SampleSpec, make_dataset
 
 __all__ = ["SECTION", "BenchSettings", "main"]
@@ -137,12 +136,8 @@ def _benchmark(settings: BenchSettings, work: Path) -> list[ConfigResults]:
 
 def main(settings: BenchSettings) -> str:
     """Run the benchmark, write its section into `settings.output` and return that section."""
-    if settings.workdir is not None:
-        settings.workdir.mkdir(parents=True, exist_ok=True)
-        results = _benchmark(settings, Path(tempfile.mkdtemp(dir=settings.workdir)))
-    else:
-        with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-            results = _benchmark(settings, Path(tmp))
+    with work_in(settings.workdir, "bench-train-") as work:
+        results = _benchmark(settings, work)
     section = render(results, spec_line=_spec_line(settings), command=settings.command)
     replace_section(settings.output, SECTION, section)
     logger.info("Wrote the %s section of %s", SECTION, settings.output)
@@ -183,24 +178,11 @@ def _parse(argv: list[str] | None = None) -> BenchSettings:
         default=2,
         help="DataLoader workers of the reference loop (default: 2, one per core here)",
     )
-    parser.add_argument(
-        "--output",
-        type=Path,
-        default=REPO / "docs" / "benchmarks.md",
-        help="Markdown file whose training-throughput section is replaced "
-        "(default: docs/benchmarks.md)",
-    )
-    parser.add_argument(
-        "--workdir",
-        type=Path,
-        default=None,
-        help="keep the dataset, /opt/ml trees, logs and reports under this folder "
-        "(default: a temporary folder, deleted afterwards)",
-    )
+    add_output_argument(parser, "benchmarks.md", "whose training-throughput section is replaced")
+    add_workdir_argument(parser, "the dataset, /opt/ml trees, logs and reports")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.epochs < 1:
         parser.error("--rounds and --epochs must be at least 1")
-    shown = sys.argv[1:] if argv is None else argv
     return BenchSettings(
         epochs=args.epochs,
         classes=args.classes,
@@ -211,12 +193,10 @@ def _parse(argv: list[str] | None = None) -> BenchSettings:
         reference_workers=args.reference_workers,
         output=args.output,
         workdir=args.workdir,
-        command=" ".join([".venv/bin/python -m bench.train_throughput", *shown]),
+        command=command("bench.train_throughput", argv),
     )
 
 
 if __name__ == "__main__":
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr
-    )
+    log_to_stderr()
     print(main(_parse()))

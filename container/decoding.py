@@ -53,7 +53,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
 DEFAULT_MAX_JPEG_SCANS = 64
 
-# The only Pillow plugins that may parse client bytes: what the README promises, nothing more
+# The only Pillow plugins that may parse client bytes: what docs/serving.md promises, nothing more
 # (Pillow also reads EPS via Ghostscript, ICO, PSD, FITS, ... each a parser nobody here needs).
 FORMATS: tuple[str, ...] = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 # What to pass Image.open: the JPEG plugin itself opens an MPO file (a JPEG with more images).
@@ -153,7 +153,6 @@ class Preprocessing:
     resize_size: int = 256
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-    version: int = 1
 
     @classmethod
     def for_image_size(cls, image_size: int) -> Preprocessing:
@@ -165,12 +164,13 @@ class Preprocessing:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Preprocessing:
+        """Read by name: other keys are ignored (artifacts written before 2026-12 carry a
+        `version` that nothing read)."""
         return cls(
             image_size=int(data["image_size"]),
             resize_size=int(data["resize_size"]),
             mean=tuple(float(v) for v in data["mean"]),  # type: ignore[arg-type]
             std=tuple(float(v) for v in data["std"]),  # type: ignore[arg-type]
-            version=int(data["version"]),
         )
 
 

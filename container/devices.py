@@ -1,7 +1,8 @@
 """What a process can compute on: native bf16 on the CPU, the GPU stack, and the one device choice.
 
-Shared by `train` and `serve`: both print the driver and CUDA versions at start (CONTRACT.md §1.5),
-both choose bf16 on CPUs that have bf16 units, and both choose their device in `resolve_device`.
+Shared by `train` and `serve`: both print the driver and CUDA versions at start
+(docs/sagemaker-contract.md §1.3), both choose bf16 on CPUs that have bf16 units, and both choose
+their device in `resolve_device`.
 
 That choice exists because a GPU host can hand the image a GPU its CUDA cannot use: SageMaker's
 real-time and batch hosts of ml.g4dn, g5 and p4d run NVIDIA driver 470 (CUDA 11.4) unless an AMI is
@@ -215,7 +216,8 @@ def resolve_device(
 
 
 def describe_cuda() -> str:
-    """Driver, CUDA runtime and devices, for the job's first log lines (CONTRACT.md §1.5)."""
+    """Driver, CUDA runtime and devices, for the job's first log lines
+    (docs/sagemaker-contract.md §1.3)."""
     build = f"torch {torch.__version__} built for CUDA {torch.version.cuda}"
     driver, _, nvml_error = _nvml()
     driver_text = driver or f"unknown ({nvml_error.removeprefix('NVML: ')})"

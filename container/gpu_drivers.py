@@ -226,8 +226,8 @@ def _cell(amis: tuple[Ami, ...], instance_type: str, cuda: str) -> str:
 
 
 def markdown_table(cudas: tuple[str, ...] = (DEFAULT_IMAGE_CUDA, "13.0")) -> str:
-    """The README's table: each GPU family, its default driver, and the AMI `launch` picks for an
-    image built for each CUDA in `cudas`."""
+    """The table of docs/image.md: each GPU family, its default driver, and the AMI `launch` picks
+    for an image built for each CUDA in `cudas`."""
     head = ["family", "GPU", "with no AMI"]
     for cuda in cudas:
         head += [f"endpoint, CUDA {cuda}", f"batch transform, CUDA {cuda}"]

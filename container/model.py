@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ import torch
 from torch import nn
 from torchvision import models
 
-from container.class_names import class_name
+from container.atomic import write_atomically, write_text_atomically
 from container.decoding import Preprocessing
 
 __all__ = [
@@ -35,7 +34,6 @@ __all__ = [
     "ArtifactError",
     "backbone",
     "build",
-    "class_name",
     "load_artifact",
     "load_backbone_weights",
     "save_artifact",
@@ -109,12 +107,6 @@ class Artifact:
         return str(self.meta["model_version"])
 
 
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -136,7 +128,7 @@ def save_artifact(
     model_dir.mkdir(parents=True, exist_ok=True)
     weights = model_dir / WEIGHTS_FILE
     cpu_state = {k: v.detach().cpu() for k, v in state_dict.items()}
-    _atomic_write(weights, lambda p: torch.save(cpu_state, p))
+    write_atomically(weights, lambda p: torch.save(cpu_state, p))
     sha = _sha256(weights)
     meta = {
         "format_version": FORMAT_VERSION,
@@ -147,8 +139,8 @@ def save_artifact(
         "model_version": f"{arch}-{sha[:12]}",
         **extra_meta,
     }
-    _atomic_write(model_dir / CLASSES_FILE, lambda p: p.write_text(json.dumps(classes, indent=1)))
-    _atomic_write(model_dir / META_FILE, lambda p: p.write_text(json.dumps(meta, indent=2)))
+    write_text_atomically(model_dir / CLASSES_FILE, json.dumps(classes, indent=1))
+    write_text_atomically(model_dir / META_FILE, json.dumps(meta, indent=2))
     return meta
 
 

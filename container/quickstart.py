@@ -24,7 +24,14 @@ from pathlib import Path
 
 from container.archives import is_archive
 from container.model import META_FILE
-from container.sagemaker_env import encode_hyperparameters
+from container.sagemaker_env import (
+    BASE_DIR_ENV,
+    DATA_CHANNELS,
+    OPTIONAL_CHANNELS,
+    REQUIRED_CHANNELS,
+    OptMl,
+    write_training_config,
+)
 from container.sample_data import SampleSpec, make_dataset
 
 __all__ = ["DEMO_HYPERPARAMETERS", "DOG_HYPERPARAMETERS", "main", "prepare"]
@@ -47,15 +54,9 @@ _SAMPLE_MARK = ".generated-sample"
 """Left in input/data beside a generated sample, so a later run keeps the demo's settings."""
 
 
-def _write_config(opt_ml: Path, name: str, content: object) -> None:
-    config = opt_ml / "input" / "config"
-    config.mkdir(parents=True, exist_ok=True)
-    (config / name).write_text(json.dumps(content, indent=1))
-
-
 def _link_dataset(data: Path, source: Path) -> None:
     """Each channel gets the dataset (folder: its split; archive: the whole archive)."""
-    for split in ("train", "valid", "test"):
+    for split in DATA_CHANNELS:
         target = data / split
         if is_archive(source):
             target.mkdir(parents=True, exist_ok=True)
@@ -75,7 +76,8 @@ def prepare(opt_ml: Path, source: Path | None, overrides: Mapping[str, object]) 
     hyperparameters: the defaults for that data (the demo's for the sample, fine-tuning for real
     data), with `overrides` on top, written as strings the way SageMaker writes them.
     """
-    data = opt_ml / "input" / "data"
+    tree = OptMl(opt_ml)
+    data = tree.data_dir
     if source is not None:
         _link_dataset(data, source)
         (data / _SAMPLE_MARK).unlink(missing_ok=True)
@@ -83,13 +85,11 @@ def prepare(opt_ml: Path, source: Path | None, overrides: Mapping[str, object]) 
         make_dataset(data, SampleSpec())
         (data / _SAMPLE_MARK).touch()
     channels = sorted(p.name for p in data.iterdir() if p.is_dir())
-    if "train" not in channels:
-        raise SystemExit(f"{data} has no train/ folder: put the dataset's train/ valid/ there")
+    train = REQUIRED_CHANNELS[0]
+    if train not in channels:
+        raise SystemExit(f"{data} has no {train}/ folder: put the dataset's train/ valid/ there")
     defaults = DEMO_HYPERPARAMETERS if (data / _SAMPLE_MARK).exists() else DOG_HYPERPARAMETERS
-    _write_config(opt_ml, "hyperparameters.json", encode_hyperparameters({**defaults, **overrides}))
-    _write_config(
-        opt_ml, "inputdataconfig.json", {c: {"TrainingInputMode": "File"} for c in channels}
-    )
+    write_training_config(tree, channels, {**defaults, **overrides})
 
 
 def _hyperparameters(text: str) -> dict[str, object]:
@@ -102,12 +102,12 @@ def _hyperparameters(text: str) -> dict[str, object]:
     return values
 
 
-def _train(opt_ml: Path) -> None:
-    env = {**os.environ, "SAGEMAKER_BASE_DIR": str(opt_ml)}
-    print(f"Training a model in {opt_ml} ...", file=sys.stderr, flush=True)
+def _train(opt_ml: OptMl) -> None:
+    env = {**os.environ, BASE_DIR_ENV: str(opt_ml.base)}
+    print(f"Training a model in {opt_ml.base} ...", file=sys.stderr, flush=True)
     done = subprocess.run([sys.executable, "-m", "container.training"], env=env, check=False)
     if done.returncode != 0:
-        failure = opt_ml / "output" / "failure"
+        failure = opt_ml.failure_file
         reason = failure.read_text() if failure.exists() else f"exit code {done.returncode}"
         raise SystemExit(f"Training failed: {reason}")
 
@@ -135,8 +135,8 @@ def main(argv: list[str] | None = None) -> None:
         help="only lay out the tree and write its config files (what docker-compose.yml runs)",
     )
     args = parser.parse_args(argv)
-    opt_ml: Path = args.opt_ml.resolve()
-    model = opt_ml / "model"
+    opt_ml = OptMl(args.opt_ml.resolve())
+    model = opt_ml.model_dir
     source: Path | None = args.source
     if source is not None and not source.exists():
         raise SystemExit(f"{source} does not exist")
@@ -144,16 +144,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.prepare:
         if model_archive:
             raise SystemExit("--prepare lays out training data; a model.tar.gz needs no training")
-        prepare(opt_ml, source, args.hyperparameters)
+        prepare(opt_ml.base, source, args.hyperparameters)
         return
     if source is not None and model_archive:
         shutil.rmtree(model, ignore_errors=True)
         model.mkdir(parents=True)
         shutil.copy(source, model / source.name)  # the server unpacks it
     elif not (model / META_FILE).exists():
-        prepare(opt_ml, source, args.hyperparameters)
+        prepare(opt_ml.base, source, args.hyperparameters)
         _train(opt_ml)
-    sample = next((opt_ml / "input" / "data" / "test").rglob("*.jpg"), None)
+    sample = next(opt_ml.channel_dir(OPTIONAL_CHANNELS[0]).rglob("*.jpg"), None)
     if sample is not None:
         print(
             f"Try: curl --data-binary @{sample} -H 'Content-Type: image/jpeg' "
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     env = {
         **os.environ,
-        "SAGEMAKER_BASE_DIR": str(opt_ml),
+        BASE_DIR_ENV: str(opt_ml.base),
         "SAGEMAKER_BIND_TO_PORT": str(args.port),
     }
     os.execve(sys.executable, [sys.executable, "-m", "container.serving"], env)

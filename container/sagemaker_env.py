@@ -1,26 +1,36 @@
 """SageMaker's /opt/ml contract: every path, config file and decoding rule in one place.
 
-Everything SageMaker tells a container arrives as files under /opt/ml (CONTRACT.md §2.1); nothing
-useful arrives as `SM_*` variables because we do not ship the training toolkit (§1.4). This module
-reads those files into frozen, typed objects once, at the program's edge, so that no code below it
-touches /opt/ml paths or the environment directly.
+Everything SageMaker tells a container arrives as files under /opt/ml (docs/sagemaker-contract.md
+§2.1); nothing useful arrives as `SM_*` variables because we do not ship the training toolkit. This
+module reads those files into frozen, typed objects once, at the program's edge, so that no code
+below it touches /opt/ml paths or the environment directly.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from container.atomic import write_text_atomically
+
 __all__ = [
     "BASE_DIR_ENV",
+    "DATA_CHANNELS",
+    "DEBUG_TENSORS",
+    "EVALUATION_HTML",
+    "EVALUATION_JSON",
     "MAX_FAILURE_CHARS",
+    "OPTIONAL_CHANNELS",
+    "PRETRAINED_CHANNEL",
+    "PROFILE_HTML",
+    "PROFILE_JSON",
+    "REQUIRED_CHANNELS",
     "Channel",
     "ConfigFileError",
     "HyperparameterSchema",
@@ -35,6 +45,7 @@ __all__ = [
     "read_resource_config",
     "read_tensorboard_dir",
     "write_failure",
+    "write_training_config",
 ]
 
 logger = logging.getLogger(__name__)
@@ -45,13 +56,23 @@ BASE_DIR_ENV = "SAGEMAKER_BASE_DIR"
 MAX_FAILURE_CHARS = 1024
 """SageMaker copies this many characters of /opt/ml/output/failure into FailureReason."""
 
-# Hyperparameters the SDK or the tuner inject for their own use (CONTRACT.md §1.3).
+# What the job writes to output/data (SageMaker tars it into output.tar.gz), by name, so that
+# `launch report` and the benchmarks read what `train` wrote.
+EVALUATION_JSON = "evaluation.json"
+EVALUATION_HTML = "evaluation.html"
+PROFILE_JSON = "profile.json"
+PROFILE_HTML = "profile.html"
+DEBUG_TENSORS = "debug-tensors"
+"""The job's own smdebug tensors (hyperparameter save_tensors), a folder."""
+
+# Hyperparameters the SDK or the tuner inject for their own use (docs/sagemaker-contract.md §2.3).
 _INJECTED_PREFIX = "sagemaker_"
 _INJECTED_KEYS = frozenset({"_tuning_objective_metric"})
 
 
 class HyperparameterSchema(BaseModel):
-    """Base of a job's hyperparameter schema: the lenient coercion of CONTRACT.md §1.3.
+    """Base of a job's hyperparameter schema: the lenient coercion of
+    docs/sagemaker-contract.md §2.3.
 
     Pydantic's lax mode already reads "12" and 12.0 as 12 and "True"/"yes"/"1" as true; numbers
     are also accepted where text is expected (a tuner may hand `123` for a name).
@@ -126,7 +147,7 @@ class OptMl:
     def debug_tensors_dir(self) -> Path:
         """Where the job's own smdebug hook writes (save_tensors, no DebugHookConfig): inside
         output/data, so the tensors reach S3 in output.tar.gz."""
-        return self.output_data_dir / "debug-tensors"
+        return self.output_data_dir / DEBUG_TENSORS
 
     @property
     def failure_file(self) -> Path:
@@ -187,7 +208,8 @@ def encode_hyperparameters(values: Mapping[str, Any]) -> dict[str, str]:
 
 
 def decode_hyperparameter(raw: Any) -> Any:
-    """Decode one value the way every SDK path can have encoded it (CONTRACT.md §1.3).
+    """Decode one value the way every SDK path can have encoded it
+    (docs/sagemaker-contract.md §2.3).
 
     JSON if it parses (so `"\\"adam\\""` -> `adam`, `"0.1"` -> 0.1, `"[1, 2]"` -> [1, 2]), else the
     raw string (`"True"`, `"adam"`); the schema then coerces leniently.
@@ -240,6 +262,15 @@ def read_hyperparameters(opt_ml: OptMl, schema: type[SchemaT]) -> SchemaT:
 
 # --- channels ----------------------------------------------------------------------------------
 
+REQUIRED_CHANNELS = ("train", "valid")
+"""The channels every training job of this image needs: ImageFolder trees with the same classes."""
+OPTIONAL_CHANNELS = ("test",)
+"""A held-out ImageFolder tree, scored once at the end when given."""
+DATA_CHANNELS = (*REQUIRED_CHANNELS, *OPTIONAL_CHANNELS)
+"""The dataset's channels, in the order `launch` uploads and names them."""
+PRETRAINED_CHANNEL = "pretrained"
+"""Starting weights (a state_dict file or model.tar.gz) instead of the image's baked ones."""
+
 InputMode = Literal["File", "FastFile", "Pipe"]
 
 
@@ -250,14 +281,14 @@ class Channel:
     name: str
     path: Path
     input_mode: InputMode = "File"
-    content_type: str | None = None
     s3_distribution_type: str = "FullyReplicated"
 
 
 def read_channels(opt_ml: OptMl) -> dict[str, Channel]:
     """Channels named by inputdataconfig.json, never by listing the data folder.
 
-    SageMaker can leave `<channel>-manifest` files beside the channel folders (CONTRACT.md §7.13).
+    SageMaker can leave `<channel>-manifest` files beside the channel folders
+    (docs/sagemaker-contract.md §2.2).
     """
     path = opt_ml.inputdataconfig_file
     if not path.exists():
@@ -278,10 +309,21 @@ def read_channels(opt_ml: OptMl) -> dict[str, Channel]:
             name=name,
             path=opt_ml.channel_dir(name),
             input_mode=mode,
-            content_type=spec.get("ContentType"),
             s3_distribution_type=spec.get("S3DistributionType", "FullyReplicated"),
         )
     return channels
+
+
+def write_training_config(
+    opt_ml: OptMl, channels: Iterable[str], hyperparameters: Mapping[str, Any]
+) -> None:
+    """Write inputdataconfig.json and hyperparameters.json as SageMaker does for a training job:
+    for the runs SageMaker does not set up (quickstart, the sample tree, the benchmarks)."""
+    opt_ml.config_dir.mkdir(parents=True, exist_ok=True)
+    config = {name: {"TrainingInputMode": "File"} for name in channels}
+    opt_ml.inputdataconfig_file.write_text(json.dumps(config, indent=1), encoding="utf-8")
+    values = encode_hyperparameters(hyperparameters)
+    opt_ml.hyperparameters_file.write_text(json.dumps(values, indent=1), encoding="utf-8")
 
 
 # --- resources ---------------------------------------------------------------------------------
@@ -355,11 +397,7 @@ def read_tensorboard_dir(opt_ml: OptMl) -> Path | None:
 
 def write_failure(opt_ml: OptMl, message: str) -> None:
     """Write /opt/ml/output/failure: SageMaker shows its first 1024 characters as FailureReason."""
-    path = opt_ml.failure_file
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = (
         message if len(message) <= MAX_FAILURE_CHARS else message[: MAX_FAILURE_CHARS - 3] + "..."
     )
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomically(opt_ml.failure_file, text)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import colorsys
 import io
-import json
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from container.sagemaker_env import encode_hyperparameters
+from container.sagemaker_env import DATA_CHANNELS, OptMl, write_training_config
 
 __all__ = ["BREEDS", "SampleSpec", "class_folders", "make_dataset", "make_opt_ml"]
 
@@ -146,13 +145,9 @@ def make_opt_ml(
 
     Hyperparameter values are written as strings, the way SageMaker hands them over.
     """
-    make_dataset(base / "input" / "data", spec)
-    config = base / "input" / "config"
-    config.mkdir(parents=True, exist_ok=True)
-    channels = {name: {"TrainingInputMode": "File"} for name in ("train", "valid", "test")}
-    (config / "inputdataconfig.json").write_text(json.dumps(channels, indent=1))
-    values = encode_hyperparameters(hyperparameters or {})
-    (config / "hyperparameters.json").write_text(json.dumps(values, indent=1))
+    opt_ml = OptMl(base)
+    make_dataset(opt_ml.data_dir, spec)
+    write_training_config(opt_ml, DATA_CHANNELS, hyperparameters or {})
     return base
 
 

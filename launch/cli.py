@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, TextIO
 
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import ValidationError
@@ -83,11 +83,42 @@ def _parser(config: dict[str, Any]) -> tuple[argparse.ArgumentParser, dict[str, 
     return parser, modules
 
 
+class _StderrHandler(logging.StreamHandler[TextIO]):
+    """Writes each record to sys.stderr as it is at that moment, as logging's last-resort handler
+    does: main() may run more than once in a process (the tests run it in theirs, with stderr
+    captured anew each time), and a stream bound once would be the first run's."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def _log_to_stderr() -> None:
+    """Records of WARNING and up (INFO for the loggers main() lowers), one message a line;
+    the handler is added once however often main() runs. Not logging.basicConfig: it does
+    nothing where the root logger has a handler already (pytest's, in the tests)."""
+    root = logging.getLogger()
+    if not any(isinstance(handler, _StderrHandler) for handler in root.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+
+
+# Filters are functions, not lambdas, so that adding one again (each main()) adds nothing.
+def _no_troubleshooting_pointer(record: logging.LogRecord) -> bool:
+    return "troubleshooting guide" not in str(record.msg)
+
+
+def _no_traceback(record: logging.LogRecord) -> bool:
+    return record.exc_info is None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("SAGEMAKER_SUPPRESS_V2_WARNING", "1")  # v2 is this tool's choice
     # This tool's and the SDK's progress lines; not botocore's or httpx's per-request chatter.
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    _log_to_stderr()
     for name in ("launch", "sagemaker"):
         logging.getLogger(name).setLevel(logging.INFO)
     logging.getLogger("sagemaker.config").setLevel(logging.WARNING)
@@ -98,13 +129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The SDK logs a pointer to its troubleshooting guide before re-raising a refused Create*
     # call; launch's own one-line error says what to do (or, for --debugger auto, retries).
     for name in ("sagemaker", "sagemaker.estimator"):
-        logging.getLogger(name).addFilter(
-            lambda record: "troubleshooting guide" not in str(record.msg)
-        )
+        logging.getLogger(name).addFilter(_no_troubleshooting_pointer)
     # A telemetry ping that fails (offline, as local mode may be) is no traceback for the user.
-    logging.getLogger("sagemaker.telemetry.telemetry_logging").addFilter(
-        lambda record: record.exc_info is None
-    )
+    logging.getLogger("sagemaker.telemetry.telemetry_logging").addFilter(_no_traceback)
     config_flag = argparse.ArgumentParser(add_help=False)
     config_flag.add_argument("--config", type=Path)
     try:

@@ -23,16 +23,14 @@ from botocore.config import Config
 from s3transfer.subscribers import BaseSubscriber  # type: ignore[import-untyped]
 from tqdm import tqdm  # type: ignore[import-untyped]
 
+from container.sagemaker_env import DATA_CHANNELS
 from launch.aws import Aws
 from launch.errors import LaunchError
 from launch.settings import Common
 
-__all__ = ["CHANNELS", "HELP", "add_arguments", "run"]
+__all__ = ["HELP", "add_arguments", "run"]
 
 HELP = "upload the dataset (folder or zip) to S3 as the train/valid/test channels"
-
-CHANNELS = ("train", "valid", "test")
-"""`train` is required; `valid` and `test` are uploaded when present."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _relative(parts: tuple[str, ...]) -> str | None:
     """`train/<class>/<file>` when the path is an image of a channel, else None."""
-    if len(parts) != 3 or parts[0] not in CHANNELS or any(p.startswith(".") for p in parts):
+    if len(parts) != 3 or parts[0] not in DATA_CHANNELS or any(p.startswith(".") for p in parts):
         return None
     return "/".join(parts)
 
@@ -167,7 +165,7 @@ def run(args: argparse.Namespace, common: Common) -> int:
         print(f"uploaded {len(todo)} files ({size:.1f} MB), skipped {skipped} already in {where}")
     else:
         print(f"nothing to upload: all {skipped} files are already in {where} (same sizes)")
-    channels = sorted({f.relative.split("/")[0] for f in files}, key=CHANNELS.index)
+    channels = sorted({f.relative.split("/")[0] for f in files}, key=DATA_CHANNELS.index)
     for channel in channels:
         print(f"{channel} {aws.s3_uri('data', channel)}/")
     return 0

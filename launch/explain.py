@@ -15,12 +15,11 @@ import html
 import json
 import logging
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 from botocore.exceptions import ClientError
 from sagemaker.clarify import (
     DataConfig,
@@ -31,9 +30,11 @@ from sagemaker.clarify import (
     SHAPConfig,
 )
 
+from container import html_page
 from launch.aws import Aws, console_url, job_name
 from launch.errors import LaunchError
-from launch.settings import Common
+from launch.invoke import Endpoint, Url, image_files, media_type
+from launch.settings import Common, add_wait_argument
 
 __all__ = ["HELP", "Explained", "add_arguments", "gallery", "run"]
 
@@ -41,13 +42,10 @@ HELP = (
     "Grad-CAM gallery (HTML) of a folder of images from an endpoint or a local server; or Clarify"
 )
 
-CUSTOM_ATTRIBUTES = "X-Amzn-SageMaker-Custom-Attributes"
-"""The one request header SageMaker passes through to the container (CONTRACT.md §3.4)."""
-MEDIA_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png"}
-"""The images sent, by file suffix."""
 # Clarify needs every class's probability in class order: ask for all (the server's top_k is at
 # most 1000) and sort by index. JMESPath does the sorting.
 _CLARIFY_ATTRIBUTES = "top_k=1000"
+_TIMEOUT_S = 70  # per image: Grad-CAM runs a backward pass on the server
 _CLARIFY_PROBABILITIES = "sort_by(predictions, &index)[].probability"
 
 logger = logging.getLogger(__name__)
@@ -102,18 +100,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="ml.m5.xlarge",
         help="instance of Clarify's shadow endpoint (default: %(default)s)",
     )
-    clarify.add_argument(
-        "--wait",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="wait for the job (default: no)",
-    )
+    add_wait_argument(clarify, "for the job", default=False)
 
 
 def _images(folder: Path, limit: int) -> list[Path]:
     if not folder.is_dir():
         raise LaunchError(f"{folder} is not a folder: give a folder of .jpg or .png images")
-    found = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in MEDIA_TYPES)
+    found = image_files(folder)
     if not found:
         raise LaunchError(f"no .jpg or .png images under {folder}")
     if len(found) > limit:
@@ -134,27 +127,17 @@ def _parse(path: Path, body: bytes) -> Explained:
         ) from exc
 
 
-def _from_url(url: str, images: list[Path], top_k: int) -> list[Explained]:
-    headers = {
-        "Accept": "application/json",
-        CUSTOM_ATTRIBUTES: f"top_k={top_k}, explain=gradcam",
-    }
+def _explain(target: Endpoint | Url, where: str, images: list[Path], top_k: int) -> list[Explained]:
+    """Each image's top classes and Grad-CAM, from `target` (called `where` in errors)."""
+    attributes = f"top_k={top_k}, explain=gradcam"
     done = []
-    with httpx.Client(base_url=url, timeout=70) as client:
+    with closing(target):
         for path in images:
-            try:
-                response = client.post(
-                    "/invocations",
-                    content=path.read_bytes(),
-                    headers={**headers, "Content-Type": MEDIA_TYPES[path.suffix.lower()]},
-                )
-            except httpx.TransportError as exc:
-                raise LaunchError(f"cannot reach {url}: {exc} (is the server running?)") from exc
-            if response.status_code != 200:
-                raise LaunchError(
-                    f"{path.name}: {url} answered {response.status_code}: {response.text[:300]}"
-                )
-            done.append(_parse(path, response.content))
+            answer = target.send(path.read_bytes(), media_type(path), attributes)
+            if answer.status != 200:
+                text = answer.body.decode(errors="replace")[:300]
+                raise LaunchError(f"{path.name}: {where} answered {answer.status}: {text}")
+            done.append(_parse(path, answer.body))
     return done
 
 
@@ -171,29 +154,25 @@ def _named(kind: str, name: str, region: str) -> Iterator[None]:
         raise
 
 
-def _from_endpoint(aws: Aws, endpoint: str, images: list[Path], top_k: int) -> list[Explained]:
+def _in_service(aws: Aws, endpoint: str) -> Endpoint:
+    """The endpoint, once it is known to answer: a LaunchError says why not."""
     with _named("endpoint", endpoint, aws.region):
         described = aws.boto.client("sagemaker").describe_endpoint(EndpointName=endpoint)
     status = described["EndpointStatus"]
     if status != "InService":
         raise LaunchError(f"endpoint {endpoint} is {status}, not InService: wait, or redeploy")
-    runtime = aws.boto.client("sagemaker-runtime")
-    done = []
-    for path in images:
-        answer = runtime.invoke_endpoint(
-            EndpointName=endpoint,
-            Body=path.read_bytes(),
-            ContentType=MEDIA_TYPES[path.suffix.lower()],
-            Accept="application/json",
-            CustomAttributes=f"top_k={top_k}, explain=gradcam",
-        )
-        done.append(_parse(path, answer["Body"].read()))
-    return done
+    return Endpoint(aws, endpoint, _TIMEOUT_S)
 
 
 def _data_uri(path: Path) -> str:
     data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f"data:{MEDIA_TYPES[path.suffix.lower()]};base64,{data}"
+    return f"data:{media_type(path)};base64,{data}"
+
+
+_GALLERY_STYLE = (
+    "figure{display:inline-block;margin:.5em;vertical-align:top}"
+    "figure img{height:224px;margin-right:4px}"
+)
 
 
 def gallery(explained: list[Explained], title: str) -> str:
@@ -208,18 +187,15 @@ def gallery(explained: list[Explained], title: str) -> str:
         cards.append(
             "<figure>"
             f'<div><img alt="{name}" src="{_data_uri(item.path)}">'
-            f'<img alt="Grad-CAM of {name}" src="data:image/png;base64,{item.overlay_png}"></div>'
+            f"{html_page.png(item.overlay_png, f'Grad-CAM of {item.path.name}')}</div>"
             f"<figcaption>{name}<table>{rows}</table></figcaption>"
             "</figure>"
         )
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'>"
-        f"<title>{html.escape(title)}</title><style>"
-        "body{font-family:sans-serif;margin:1em}figure{display:inline-block;margin:.5em;"
-        "vertical-align:top}img{height:224px;margin-right:4px}td{padding:0 .5em}"
-        f"</style></head><body><h1>{html.escape(title)}</h1>"
-        f"<p>Left: the image; right: Grad-CAM of the top class over it.</p>{''.join(cards)}"
-        "</body></html>"
+    return html_page.page(
+        title,
+        html_page.paragraph("Left: the image; right: Grad-CAM of the top class over it."),
+        *cards,
+        style=_GALLERY_STYLE,
     )
 
 
@@ -280,10 +256,11 @@ def run(args: argparse.Namespace, common: Common) -> int:
         return _clarify(args, common)
     images = _images(Path(args.images), args.limit)
     if args.url:
-        explained = _from_url(args.url, images, args.top_k)
+        explained = _explain(Url(args.url, _TIMEOUT_S), args.url, images, args.top_k)
         title = f"Grad-CAM from {args.url}"
     else:
-        explained = _from_endpoint(Aws.connect(common), args.endpoint, images, args.top_k)
+        target = _in_service(Aws.connect(common), args.endpoint)
+        explained = _explain(target, f"endpoint {args.endpoint}", images, args.top_k)
         title = f"Grad-CAM from endpoint {args.endpoint}"
     args.out.write_text(gallery(explained, title))
     print(f"{args.out}: {len(explained)} image(s), Grad-CAM of each one's top class")

@@ -32,7 +32,7 @@ from launch.image import (
     plan_host,
     read_label,
 )
-from launch.settings import Common
+from launch.settings import Common, add_wait_argument
 
 __all__ = [
     "CREATED_BY",
@@ -112,12 +112,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="autoscaling target: invocations per instance per minute (default: %(default)s)",
     )
-    parser.add_argument(
-        "--wait",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="wait until the endpoint is InService (default: wait; --autoscale always waits)",
-    )
+    add_wait_argument(parser, "until the endpoint is InService (--autoscale always waits)")
 
 
 def tags(prefix: str) -> list[dict[str, str]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,20 +18,30 @@ import httpx
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
+from container.invocations import CUSTOM_ATTRIBUTES, SUFFIX_MEDIA_TYPES
 from launch.aws import Aws
 from launch.errors import LaunchError, explain
 from launch.settings import Common
 
-__all__ = ["HELP", "IMAGE_TYPES", "add_arguments", "format_predictions", "run"]
+__all__ = [
+    "HELP",
+    "Answer",
+    "Endpoint",
+    "Url",
+    "add_arguments",
+    "format_predictions",
+    "image_files",
+    "media_type",
+    "run",
+]
 
 HELP = "send images to an endpoint (or a local container) and print the top-k classes"
 
-IMAGE_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png"}
-"""What a folder's files are sent as; other files in a folder are skipped."""
-
 
 @dataclass(frozen=True)
-class _Answer:
+class Answer:
+    """What the endpoint or the server answered one image with."""
+
     status: int
     body: bytes
 
@@ -46,8 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--custom-attributes",
         default="",
-        help="more X-Amzn-SageMaker-Custom-Attributes, e.g. request_id=abc (top_k comes from "
-        "--top-k)",
+        help=f"more {CUSTOM_ATTRIBUTES}, e.g. request_id=abc (top_k comes from --top-k)",
     )
     parser.add_argument(
         "--timeout", type=float, default=60, help="seconds per request (default: %(default)s)"
@@ -58,20 +68,28 @@ def _images(paths: list[Path]) -> list[Path]:
     found: list[Path] = []
     for path in paths:
         if path.is_dir():
-            found += sorted(
-                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_TYPES
-            )
+            found += image_files(path)
         elif path.is_file():
             found.append(path)
         else:
             raise LaunchError(f"{path} does not exist")
     if not found:
-        raise LaunchError(f"no images ({', '.join(IMAGE_TYPES)}) in {', '.join(map(str, paths))}")
+        raise LaunchError(
+            f"no images ({', '.join(SUFFIX_MEDIA_TYPES)}) in {', '.join(map(str, paths))}"
+        )
     return found
 
 
-def _content_type(path: Path) -> str:
-    return IMAGE_TYPES.get(path.suffix.lower(), "image/jpeg")
+def image_files(folder: Path) -> list[Path]:
+    """The image files under `folder` (recursively, by suffix), sorted."""
+    return sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIX_MEDIA_TYPES
+    )
+
+
+def media_type(path: Path) -> str:
+    """What an image file is sent as: by its suffix, else as a JPEG (the server sniffs it)."""
+    return SUFFIX_MEDIA_TYPES.get(path.suffix.lower(), "image/jpeg")
 
 
 def _is_moto(exc: ClientError, endpoint_url: str) -> bool:
@@ -94,13 +112,15 @@ def format_predictions(name: str, body: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-class _Endpoint:
+class Endpoint:
+    """A SageMaker endpoint, through SageMaker Runtime's InvokeEndpoint."""
+
     def __init__(self, aws: Aws, name: str, timeout: float) -> None:
         config = Config(read_timeout=timeout, retries={"mode": "standard", "max_attempts": 1})
         self._client = aws.boto.client("sagemaker-runtime", config=config)
         self._name = name
 
-    def send(self, body: bytes, content_type: str, attributes: str) -> _Answer:
+    def send(self, body: bytes, content_type: str, attributes: str) -> Answer:
         try:
             answer = self._client.invoke_endpoint(
                 EndpointName=self._name,
@@ -116,47 +136,58 @@ class _Endpoint:
                     "InvokeEndpoint with an HTML 500); use --url against a local container"
                 ) from exc
             raise
-        return _Answer(200, answer["Body"].read())
+        return Answer(200, answer["Body"].read())
+
+    def close(self) -> None:
+        self._client.close()
 
 
-class _Url:
+class Url:
+    """A container's /invocations, e.g. `docker run -p 8080:8080 IMAGE serve`."""
+
     def __init__(self, url: str, timeout: float) -> None:
         self._client = httpx.Client(base_url=url.rstrip("/"), timeout=timeout)
 
-    def send(self, body: bytes, content_type: str, attributes: str) -> _Answer:
+    def send(self, body: bytes, content_type: str, attributes: str) -> Answer:
         headers = {
             "Content-Type": content_type,
             "Accept": "application/json",
-            "X-Amzn-SageMaker-Custom-Attributes": attributes,
+            CUSTOM_ATTRIBUTES: attributes,
         }
         try:
             response = self._client.post("/invocations", content=body, headers=headers)
         except httpx.TransportError as exc:
-            raise LaunchError(f"cannot reach {self._client.base_url}: {exc}") from exc
-        return _Answer(response.status_code, response.content)
+            raise LaunchError(
+                f"cannot reach {self._client.base_url}: {exc} (is the server running?)"
+            ) from exc
+        return Answer(response.status_code, response.content)
+
+    def close(self) -> None:
+        self._client.close()
 
 
 def run(args: argparse.Namespace, common: Common) -> int:
     images = _images(args.images)
     attributes = ", ".join(a for a in (f"top_k={args.top_k}", args.custom_attributes) if a)
-    target: _Endpoint | _Url = (
-        _Endpoint(Aws.connect(common), args.endpoint, args.timeout)
+    target: Endpoint | Url = (
+        Endpoint(Aws.connect(common), args.endpoint, args.timeout)
         if args.endpoint
-        else _Url(args.url, args.timeout)
+        else Url(args.url, args.timeout)
     )
     failed = 0
-    for path in images:
-        try:
-            answer = target.send(path.read_bytes(), _content_type(path), attributes)
-        except ClientError as exc:  # ModelError and friends: this image, not the whole run
-            print(f"{path}: {explain(exc)}")
-            failed += 1
-            continue
-        if answer.status != 200:
-            print(f"{path}: HTTP {answer.status}: {answer.body.decode(errors='replace')}")
-            failed += 1
-            continue
-        print(format_predictions(str(path), json.loads(answer.body)))
+    with closing(target):
+        for path in images:
+            try:
+                answer = target.send(path.read_bytes(), media_type(path), attributes)
+            except ClientError as exc:  # ModelError and friends: this image, not the whole run
+                print(f"{path}: {explain(exc)}")
+                failed += 1
+                continue
+            if answer.status != 200:
+                print(f"{path}: HTTP {answer.status}: {answer.body.decode(errors='replace')}")
+                failed += 1
+                continue
+            print(format_predictions(str(path), json.loads(answer.body)))
     if failed:
         print(f"{failed} of {len(images)} images failed")
     return 1 if failed else 0

@@ -14,10 +14,8 @@ page is a single file.
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import html
-import io
 import json
 import math
 import sys
@@ -27,14 +25,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, never a window
-
-import matplotlib.pyplot as plt
 from botocore.exceptions import ClientError
 from matplotlib.figure import Figure
 
+from container import html_page
+from container.sagemaker_env import (
+    DEBUG_TENSORS,
+    EVALUATION_HTML,
+    EVALUATION_JSON,
+    PROFILE_HTML,
+    PROFILE_JSON,
+)
 from container.training.metrics import METRIC_NAMES
 from launch.aws import Aws, console_url
 from launch.settings import Common
@@ -139,16 +140,9 @@ def findings(analysis: DebugAnalysis) -> list[str]:
     return notes
 
 
-def _png(figure: Figure) -> str:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
-    plt.close(figure)
-    data = base64.b64encode(buffer.getvalue()).decode("ascii")
-    return f'<img alt="plot" src="data:image/png;base64,{data}">'
-
-
 def _curves(curves: Mapping[str, Mapping[Any, float]], title: str, log: bool = False) -> str:
-    figure, axes = plt.subplots(figsize=(8, 4))
+    figure = Figure(figsize=(8, 4))
+    axes = figure.subplots()
     for label, curve in curves.items():
         xs = sorted(curve)
         axes.plot(xs, [curve[x] for x in xs], marker=".", label=label)
@@ -156,15 +150,12 @@ def _curves(curves: Mapping[str, Mapping[Any, float]], title: str, log: bool = F
     if log:
         axes.set_yscale("log")
     axes.legend(fontsize="small")
-    return _png(figure)
+    return html_page.figure(figure, title)
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows
-    )
-    return f"<table><tr>{head}</tr>{body}</table>"
+    """Cells as given, text: the job's numbers come already formatted."""
+    return html_page.table(header, [[str(c) for c in row] for row in rows])
 
 
 def _rules_section(description: Mapping[str, Any]) -> tuple[str, list[str]]:
@@ -178,7 +169,7 @@ def _rules_section(description: Mapping[str, Any]) -> tuple[str, list[str]]:
             if configured
             else "no Debugger rules configured for this job"
         )
-        return f"<p>{html.escape(line)}</p>", [line]
+        return html_page.paragraph(line), [line]
     rows = [
         (s["RuleConfigurationName"], s.get("RuleEvaluationStatus", "?"), s.get("StatusDetails", ""))
         for s in statuses
@@ -199,13 +190,13 @@ def _metrics_section(aws: Aws, job: str) -> tuple[str, list[str]]:
         ).dataframe()
     except (ClientError, KeyError, ValueError) as exc:
         line = f"metrics over time unavailable: CloudWatch did not answer ({exc})"
-        return f"<p>{html.escape(line)}</p>", [line]
+        return html_page.paragraph(line), [line]
     if frame.empty:
         line = (
             "metrics over time unavailable: CloudWatch holds no /aws/sagemaker/TrainingJobs "
             "datapoints for this job"
         )
-        return f"<p>{html.escape(line)}</p>", [line]
+        return html_page.paragraph(line), [line]
     curves: dict[str, dict[float, float]] = {}
     for row in frame.itertuples():
         curves.setdefault(str(row.metric_name), {})[float(row.timestamp)] = float(row.value)
@@ -235,11 +226,11 @@ def _debug_section(aws: Aws, path: str | None) -> tuple[str, list[str]]:
             "no Debugger output: the job has no DebugHookConfig, no debug-tensors/ in its "
             "output.tar.gz, and no --debug-path was given"
         )
-        return f"<p>{html.escape(line)}</p>", [line]
+        return html_page.paragraph(line), [line]
     why = _missing(aws, path)
     if why:
         line = f"Debugger output at {path} not readable: {why}"
-        return f"<p>{html.escape(line)}</p>", [line]
+        return html_page.paragraph(line), [line]
     try:
         analysis = analyse_debug_output(path)
     except ImportError as exc:  # a laptop install: launch without the image's libraries
@@ -247,13 +238,13 @@ def _debug_section(aws: Aws, path: str | None) -> tuple[str, list[str]]:
             f"tensors at {path} not analysed: the analysis needs `pip install smdebug torch` "
             f"({exc})"
         )
-        return f"<p>{html.escape(line)}</p>", [line]
+        return html_page.paragraph(line), [line]
     except Exception as exc:  # smdebug raises its own and botocore's errors; any means unreachable
         line = f"Debugger output at {path} unreadable: {type(exc).__name__}: {exc}"
-        return f"<p>{html.escape(line)}</p>", [line]
+        return html_page.paragraph(line), [line]
     if not analysis.losses and not analysis.gradient_norms:
         line = f"Debugger output at {path} holds no losses or gradients yet"
-        return f"<p>{html.escape(line)}</p>", [line]
+        return html_page.paragraph(line), [line]
     parts = [f"<p>from {html.escape(path)}: steps {html.escape(str(analysis.steps))}</p>"]
     if analysis.losses:
         parts.append(_curves(analysis.losses, "loss per step, by mode"))
@@ -290,11 +281,8 @@ def _debug_section(aws: Aws, path: str | None) -> tuple[str, list[str]]:
     return "".join(parts), lines + [_rule_line("smdebug rule", *row) for row in rules]
 
 
-_JOB_REPORTS = ("evaluation.html", "evaluation.json", "profile.html", "profile.json")
+_JOB_REPORTS = (EVALUATION_HTML, EVALUATION_JSON, PROFILE_HTML, PROFILE_JSON)
 """What `train` writes to /opt/ml/output/data, which SageMaker tars into output.tar.gz."""
-
-_JOB_TENSORS = "debug-tensors"
-"""Where, in output.tar.gz, the job's own smdebug tensors are (hyperparameter save_tensors)."""
 
 
 @dataclass(frozen=True)
@@ -326,25 +314,25 @@ def _unpack_job_output(aws: Aws, description: Mapping[str, Any], folder: Path) -
         return JobOutput(folder, [], None, f"{uri} unreadable: {exc}")
     finally:
         archive.unlink()
-    tensors = folder / _JOB_TENSORS
+    tensors = folder / DEBUG_TENSORS
     found = [name for name in _JOB_REPORTS if (folder / name).is_file()]
     return JobOutput(folder, found, tensors if tensors.is_dir() else None)
 
 
 def _wanted(name: str) -> bool:
-    return name in _JOB_REPORTS or name.startswith(f"{_JOB_TENSORS}/")
+    return name in _JOB_REPORTS or name.startswith(f"{DEBUG_TENSORS}/")
 
 
 def _job_reports_section(unpacked: JobOutput) -> tuple[str, list[str]]:
     """Links to the job's own reports, and its accuracy per split."""
     if unpacked.missing:
         line = f"the job's own reports: {unpacked.missing}"
-        return f"<p>{html.escape(line)}</p>", [line]
+        return html_page.paragraph(line), [line]
     folder, found = unpacked.folder, unpacked.reports
     links = " ".join(f'<a href="{html.escape(f"{folder.name}/{n}")}">{n}</a>' for n in found)
     parts, lines = [f"<p>{links or 'none in output.tar.gz'}</p>"], [f"job reports -> {folder}/"]
-    if "evaluation.json" in found:
-        evaluation = json.loads((folder / "evaluation.json").read_text())
+    if EVALUATION_JSON in found:
+        evaluation = json.loads((folder / EVALUATION_JSON).read_text())
         rows = [
             (split, v["images"], f"{v['accuracy']:.4f}", f"{v['top5']:.4f}", f"{v['loss']:.4f}")
             for split, v in evaluation["splits"].items()
@@ -364,8 +352,8 @@ def _verdicts_section(unpacked: JobOutput) -> tuple[str, list[str]]:
     parts: list[str] = []
     lines: list[str] = []
     sources = (
-        ("evaluation.json", "rules", "rule", ("rule", "status", "step", "message")),
-        ("profile.json", "findings", "finding", ("finding", "verdict", "message", "what to do")),
+        (EVALUATION_JSON, "rules", "rule", ("rule", "status", "step", "message")),
+        (PROFILE_JSON, "findings", "finding", ("finding", "verdict", "message", "what to do")),
     )
     for file, key, kind, header in sources:
         path = unpacked.folder / file
@@ -373,7 +361,7 @@ def _verdicts_section(unpacked: JobOutput) -> tuple[str, list[str]]:
         if not isinstance(entries, list):
             why = f"{file} has no {key!r}" if path.is_file() else f"no {file}"
             line = f"the job's own {key}: none ({why})"
-            parts.append(f"<p>{html.escape(line)}</p>")
+            parts.append(html_page.paragraph(line))
             lines.append(line)
             continue
         rows = [_verdict_row(kind, entry) for entry in entries]
@@ -430,21 +418,17 @@ def run(args: argparse.Namespace, common: Common) -> int:
     debug_html, debug_lines = _debug_section(aws, args.debug_path or tensors)
     final = [(m["MetricName"], m["Value"]) for m in description.get("FinalMetricDataList", [])]
     link = console_url(aws.region, "jobs", args.job)
-    page = f"""<!doctype html><html><head><meta charset="utf-8">
-<title>{html.escape(args.job)}</title>
-<style>body{{font-family:sans-serif;max-width:60em;margin:auto}}
-table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:2px 6px}}</style>
-</head><body><h1>Training job {html.escape(args.job)}</h1>
-<p>status {html.escape(status)} {html.escape(description.get("FailureReason", ""))}
-- <a href="{html.escape(link)}">console</a></p>
-<h2>The job's own verdicts</h2>{verdicts_html}
-<h2>Debugger rules (the service)</h2>{rules_html}
-<h2>Final metrics</h2>{_table(("metric", "value"), final)}
-<h2>The job's own reports</h2>{reports_html}
-<h2>Metrics over time</h2>{metrics_html}
-<h2>Tensors (smdebug)</h2>{debug_html}
-</body></html>
-"""
+    page = html_page.page(
+        f"Training job {args.job}",
+        f"<p>status {html.escape(status)} {html.escape(description.get('FailureReason', ''))}"
+        f' - <a href="{html.escape(link)}">console</a></p>',
+        html_page.section("The job's own verdicts", verdicts_html),
+        html_page.section("Debugger rules (the service)", rules_html),
+        html_page.section("Final metrics", _table(("metric", "value"), final)),
+        html_page.section("The job's own reports", reports_html),
+        html_page.section("Metrics over time", metrics_html),
+        html_page.section("Tensors (smdebug)", debug_html),
+    )
     args.out.write_text(page)
     print(f"training job {args.job}: {status}")
     for line in report_lines + verdict_lines + rule_lines + metric_lines + debug_lines:

@@ -11,6 +11,7 @@ defaults. The file is TOML: the common settings at the top, each command's under
 
 from __future__ import annotations
 
+import argparse
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from launch.errors import LaunchError
 
-__all__ = ["DEFAULT_CONFIG", "Common", "load_config"]
+__all__ = ["DEFAULT_CONFIG", "Common", "add_wait_argument", "load_config"]
 
 DEFAULT_CONFIG = Path("launch.toml")
 """Read when present and no --config is given."""
@@ -49,6 +50,20 @@ class Common(BaseModel):
             flag = "--" + name.replace("_", "-")
             raise LaunchError(f"no {name} given: pass {flag}, or set {name} in {DEFAULT_CONFIG}")
         return str(value)
+
+
+def add_wait_argument(
+    parser: argparse._ActionsContainer,  # a parser, or one of its argument groups
+    until: str,
+    default: bool = True,
+) -> None:
+    """--wait/--no-wait: whether a command that starts something on SageMaker waits `until`."""
+    parser.add_argument(
+        "--wait",
+        action=argparse.BooleanOptionalAction,
+        default=default,
+        help=f"wait {until} (default: {'wait' if default else 'no'})",
+    )
 
 
 def load_config(path: Path | None) -> dict[str, Any]:

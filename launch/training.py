@@ -7,8 +7,8 @@ availability change"), so by default (`--debugger auto`) a CreateTrainingJob ref
 again without it, and the job records its own tensors in its output (hyperparameter save_tensors);
 the job evaluates the rules itself either way, and `launch report` reads both.
 Multi-host needs no `distribution=`: the image reads resourceconfig.json and starts its own
-processes (container/training/distributed.py, CONTRACT.md §2.6). `launch tune` builds its training
-jobs from the same pieces (`estimator`, `channels`, `hyperparameters`).
+processes (container/training/distributed.py, docs/sagemaker-contract.md §2.6). `launch tune` builds
+its training jobs from the same pieces (`estimator`, `channels`, `hyperparameters`).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from sagemaker.fw_utils import DEBUGGER_UNSUPPORTED_REGIONS
 from sagemaker.inputs import TrainingInput
 
 from container.sagemaker_env import (
+    DATA_CHANNELS,
     ConfigFileError,
     decode_hyperparameters,
     encode_hyperparameters,
@@ -38,10 +39,9 @@ from container.training.hyperparameters import Hyperparameters
 from container.training.metrics import METRIC_DEFINITIONS
 from launch.aws import Aws, console_url, job_name
 from launch.errors import LaunchError, job_ended
-from launch.settings import Common
+from launch.settings import Common, add_wait_argument
 
 __all__ = [
-    "CHANNELS",
     "DEBUGGER_CHOICES",
     "HELP",
     "RULES",
@@ -59,13 +59,11 @@ logger = logging.getLogger(__name__)
 
 HELP = "Train one model: a SageMaker training job with Debugger (--debugger), profiler and spot."
 
-CHANNELS = ("train", "valid", "test")
-"""The image's channels; each defaults to s3://BUCKET/PREFIX/data/NAME/."""
 
 DEBUG_COLLECTIONS = ("losses", "gradients", "weights", "biases")
 
 # The built-in rules worth running on a fine-tune; each is a processing job on AWS's rule image
-# that reads the hook's tensors as they reach S3 (CONTRACT.md §4.4).
+# that reads the hook's tensors as they reach S3 (docs/sagemaker-contract.md §3.3).
 RULES = {
     "loss_not_decreasing": rule_configs.loss_not_decreasing,
     "vanishing_gradient": rule_configs.vanishing_gradient,
@@ -92,7 +90,7 @@ def add_estimator_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-run", type=int, default=24 * 3600, help="seconds (%(default)s)")
     parser.add_argument("--volume-size", type=int, default=30, help="GB of EBS (%(default)s)")
-    for name in CHANNELS:
+    for name in DATA_CHANNELS:
         parser.add_argument(
             f"--{name}", metavar="S3_URI", help=f"the {name} channel (default: PREFIX/data/{name}/)"
         )
@@ -109,12 +107,7 @@ def add_estimator_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="one hyperparameter, over the file's (repeatable)",
     )
-    parser.add_argument(
-        "--wait",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="wait for the job to end (default: wait)",
-    )
+    add_wait_argument(parser, "for the job to end")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -207,7 +200,7 @@ def channels(aws: Aws, args: argparse.Namespace) -> dict[str, TrainingInput]:
         name: TrainingInput(
             getattr(args, name) or aws.s3_uri("data", name) + "/", input_mode=args.input_mode
         )
-        for name in CHANNELS
+        for name in DATA_CHANNELS
     }
 
 
@@ -248,8 +241,9 @@ def _service_debugger(aws: Aws, args: argparse.Namespace) -> dict[str, Any]:
             collection_configs=list(ours.values()),
         ),
         "rules": [_rule(make, ours, interval) for make in RULES.values()],
-        # System monitoring only: framework profiling is deprecated for PyTorch >= 2 (CONTRACT.md
-        # §4.5), and the platform collects CPU/GPU/memory/IO for any container.
+        # System monitoring only: framework profiling is deprecated for PyTorch >= 2
+        # (docs/sagemaker-contract.md §3.4), and the platform collects CPU/GPU/memory/IO for any
+        # container.
         "profiler_config": ProfilerConfig(
             s3_output_path=aws.s3_uri("profiler"),
             system_monitor_interval_millis=args.profiler_interval,

@@ -38,11 +38,12 @@ from sagemaker.transformer import Transformer
 from tqdm import tqdm  # type: ignore[import-untyped]
 
 from container.class_names import class_name
+from container.invocations import MAX_IN_FLIGHT_MB, MAX_PAYLOAD_MB
 from launch import local_mode
 from launch.aws import Aws, console_url, job_name
 from launch.errors import LaunchError
 from launch.image import BATCH, SERVE_DEVICE, add_host_arguments, image_cuda, plan_host
-from launch.settings import Common
+from launch.settings import Common, add_wait_argument
 
 __all__ = ["HELP", "Outcome", "add_arguments", "run", "score"]
 
@@ -53,7 +54,6 @@ HELP = (
 
 CONTENT_TYPE = "image/jpeg"
 ACCEPT = "application/json"
-MAX_PAYLOAD_MB = 6
 
 
 @dataclass(frozen=True)
@@ -112,18 +112,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-concurrent-transforms",
         type=int,
         help=f"requests in flight per instance (default: the container's /execution-parameters; "
-        f"times {MAX_PAYLOAD_MB} MB must stay within 100)",
+        f"times {MAX_PAYLOAD_MB} MB must stay within {MAX_IN_FLIGHT_MB})",
     )
     add_host_arguments(parser, BATCH)
     parser.add_argument(
         "--invocations-timeout", type=int, default=600, help="seconds per image (default: 600)"
     )
-    parser.add_argument(
-        "--wait",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="wait for the job, then fetch and score (default: wait)",
-    )
+    add_wait_argument(parser, "for the job, then fetch and score")
     parser.add_argument(
         "--download",
         type=Path,
@@ -227,10 +222,11 @@ def _start(args: argparse.Namespace, common: Common, aws: Aws) -> str:
     """Create the transform job on SageMaker (and the model, with --model-data); its name."""
     name = job_name(common.prefix, "transform")
     concurrent = args.max_concurrent_transforms
-    if concurrent is not None and not 1 <= concurrent * MAX_PAYLOAD_MB <= 100:
+    most = MAX_IN_FLIGHT_MB // MAX_PAYLOAD_MB
+    if concurrent is not None and not 1 <= concurrent <= most:
         raise LaunchError(
             f"--max-concurrent-transforms {concurrent}: SageMaker wants it times MaxPayloadInMB "
-            f"({MAX_PAYLOAD_MB}) within 100, so 1 to {100 // MAX_PAYLOAD_MB}"
+            f"({MAX_PAYLOAD_MB}) within {MAX_IN_FLIGHT_MB}, so 1 to {most}"
         )
     if not (args.model_data or args.model):
         raise LaunchError("no model: pass --model NAME (launch deploy's) or --model-data s3://...")

@@ -1,9 +1,9 @@
 """`launch tune`: a hyperparameter tuning job over the image, maximising `val_acc`.
 
 The SDK v2 `HyperparameterTuner` does not inherit the estimator's metric definitions, so they are
-given to both (CONTRACT.md §0 #4). When the job ends (or with `--leaderboard NAME`), every training
-job is ranked by the objective, and the best one's hyperparameters are written as JSON that
-`launch train --hyperparameters` takes back.
+given to both (docs/sagemaker-contract.md §4.1). When the job ends (or with `--leaderboard NAME`),
+every training job is ranked by the objective, and the best one's hyperparameters are written as
+JSON that `launch train --hyperparameters` takes back.
 
 Its training jobs cannot have SageMaker Debugger (the API's HyperParameterTrainingJobDefinition has
 no DebugHookConfig, rules or ProfilerConfig): each job evaluates the rules itself and, by default,
@@ -48,7 +48,8 @@ HELP = "Tune lr, batch size, frozen epochs and weight decay for the best val_acc
 TUNED = ("lr", "batch_size", "frozen_epochs", "weight_decay")
 """The hyperparameters the tuner searches; the rest are static."""
 
-# Keys the SDK and the tuner add for their own use (CONTRACT.md §1.3): not the user's.
+# Keys the SDK and the tuner add for their own use, not the user's
+# (docs/sagemaker-contract.md §2.3).
 _INTERNAL_PREFIX = "sagemaker_"
 _INTERNAL_KEYS = frozenset({"_tuning_objective_metric"})
 

@@ -17,11 +17,16 @@ from container.serving.settings import ServeSettings, SettingsError
 
 logger = logging.getLogger("container.serving")
 
-# SageMaker sends SIGKILL 30 s after SIGTERM (CONTRACT.md §3.1): in-flight requests get 25 s.
+# SageMaker sends SIGKILL 30 s after SIGTERM (docs/sagemaker-contract.md §5.1): in-flight requests
+# get 25 s.
 _GRACEFUL_SHUTDOWN_S = 25
 # Longer than the idle timeout of SageMaker's front end (60 s), so that it closes connections
 # first and never sends a request on one we are closing.
 _KEEP_ALIVE_S = 75
+# With several workers, uvicorn's supervisor kills a worker that does not answer its health ping
+# in time (5 s by default); a worker loading and warming the model on a busy host can take longer,
+# and was killed and restarted forever. A wedged worker still goes, and /ping says why before.
+_WORKER_HEALTHCHECK_S = 120
 
 
 def _after_shutdown(signum: int, frame: FrameType | None) -> None:
@@ -71,6 +76,7 @@ def main() -> int:
             "container.serving.app:app_from_environ",
             factory=True,
             workers=settings.workers,
+            timeout_worker_healthcheck=_WORKER_HEALTHCHECK_S,
             **common,  # type: ignore[arg-type]
         )
     return 0

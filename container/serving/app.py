@@ -36,6 +36,7 @@ from starlette.requests import ClientDisconnect
 
 from container.decoding import DecodeLimits, ImageDecodeError, ImageTooLargeError
 from container.devices import CudaUnusableError
+from container.invocations import CUSTOM_ATTRIBUTES, MAX_IN_FLIGHT_MB
 from container.model import ArtifactError
 from container.serving.batcher import Batcher, BatchResult
 from container.serving.budget import DECODE_LIMIT_SETTINGS, PixelTally, RequestBudget, over_limit
@@ -61,12 +62,9 @@ from container.serving.errors import (
 from container.serving.predictor import Predictor, Prepared, load_predictor
 from container.serving.settings import MiB, ServeSettings
 
-__all__ = ["CUSTOM_ATTRIBUTES", "app_from_environ", "create_app"]
+__all__ = ["app_from_environ", "create_app"]
 
 logger = logging.getLogger(__name__)
-
-CUSTOM_ATTRIBUTES = "X-Amzn-SageMaker-Custom-Attributes"
-"""The one request header SageMaker forwards from the caller (and returns from us)."""
 
 _SCRATCH = Path("/tmp/serve-model")  # where a model.tar.gz is unpacked; /opt/ml/model is read-only
 _MAX_NAMED_ERRORS = 5
@@ -136,7 +134,7 @@ class ServerState:
                 _SCRATCH,
                 settings.device,
                 settings.precision,
-                settings.optimize != "eager",
+                settings.optimize == "jit",
                 self.max_batch_size,
             )
         except CudaUnusableError as exc:
@@ -506,7 +504,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         MaxPayloadInMB <= 100.
         """
         payload_mb = math.ceil(settings.max_payload_mb)
-        concurrency = min(state.max_batch_size * settings.workers, 100 // payload_mb)
+        concurrency = min(state.max_batch_size * settings.workers, MAX_IN_FLIGHT_MB // payload_mb)
         return {
             "MaxConcurrentTransforms": settings.max_concurrent_transforms or concurrency,
             "BatchStrategy": "SingleRecord",

@@ -1,8 +1,8 @@
 """The server's settings: read once from the environment at start-up, logged, then passed in.
 
-SageMaker configures a model container only through `ContainerDefinition.Environment` (CONTRACT.md
-§1.4, §3.6); the names it and the inference toolkits use are honoured, and our own knobs use the
-`SERVE_` prefix.
+SageMaker configures a model container only through `ContainerDefinition.Environment`
+(docs/sagemaker-contract.md §5.5); the names it and the inference toolkits use are honoured, and our
+own knobs use the `SERVE_` prefix.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from container.decoding import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_JPEG_SCANS
-from container.sagemaker_env import OptMl
+from container.invocations import MAX_IN_FLIGHT_MB, MAX_PAYLOAD_MB
+from container.sagemaker_env import BASE_DIR_ENV, OptMl
 
 __all__ = ["ENVIRONMENT", "ServeSettings", "SettingsError", "markdown_table"]
 
@@ -30,7 +31,9 @@ class ServeSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    base_dir: str = Field("/opt/ml", description="The /opt/ml tree; the model is in model/.")
+    base_dir: str = Field(
+        str(OptMl().base), description="The /opt/ml tree; the model is in model/."
+    )
     port: int = Field(8080, ge=1, le=65535, description="Listening port (0.0.0.0).")
     workers: int = Field(1, ge=1, le=64, description="Server processes, each with a model copy.")
     timeout_s: float = Field(
@@ -39,13 +42,11 @@ class ServeSettings(BaseModel):
     default_accept: Literal["application/json", "application/jsonlines"] = Field(
         "application/json", description="Response type when Accept is missing or */*."
     )
-    max_payload_mb: float = Field(6, gt=0, le=100, description="Largest request body, in MiB.")
-    batch_transform: bool = Field(False, description="Set by SageMaker batch transform.")
+    max_payload_mb: float = Field(
+        MAX_PAYLOAD_MB, gt=0, le=MAX_IN_FLIGHT_MB, description="Largest request body, in MiB."
+    )
     max_concurrent_transforms: int | None = Field(
         None, ge=1, description="Batch transform's requests in flight, when the job sets it."
-    )
-    batch_strategy: Literal["SINGLE_RECORD", "MULTI_RECORD"] | None = Field(
-        None, description="Batch transform's strategy, when the job sets it."
     )
     multi_model: bool = Field(False, description="Multi-model endpoint (not supported).")
     max_batch_size: int | None = Field(
@@ -62,8 +63,10 @@ class ServeSettings(BaseModel):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 on CPUs with native bf16, fp16 on GPUs, else fp32."
     )
-    optimize: Literal["auto", "jit", "eager"] = Field(
-        "auto", description="auto/jit: traced and frozen TorchScript; eager: the plain module."
+    optimize: Literal["jit", "eager"] = Field(
+        "jit",
+        description="jit: traced and frozen TorchScript; eager: the plain module. `auto`, the "
+        "name of jit before, is read as jit.",
     )
     top_k: int = Field(5, ge=1, le=1000, description="Default number of classes returned.")
     max_images: int = Field(
@@ -161,8 +164,8 @@ class ServeSettings(BaseModel):
             raw = environ.get(variable, "").strip()
             if raw:
                 values[name] = raw.lower() if name in _CASE_INSENSITIVE else raw
-        if values.get("batch_strategy"):
-            values["batch_strategy"] = values["batch_strategy"].upper()
+        if values.get("optimize") in _OPTIMIZE_ALIASES:
+            values["optimize"] = _OPTIMIZE_ALIASES[values["optimize"]]
         try:
             return cls.model_validate(values)
         except ValidationError as exc:
@@ -178,15 +181,13 @@ class ServeSettings(BaseModel):
 
 
 ENVIRONMENT: dict[str, str] = {
-    "base_dir": "SAGEMAKER_BASE_DIR",
+    "base_dir": BASE_DIR_ENV,
     "port": "SAGEMAKER_BIND_TO_PORT",
     "workers": "SAGEMAKER_MODEL_SERVER_WORKERS",
     "timeout_s": "SAGEMAKER_MODEL_SERVER_TIMEOUT",
     "default_accept": "SAGEMAKER_DEFAULT_INVOCATIONS_ACCEPT",
     "max_payload_mb": "SAGEMAKER_MAX_PAYLOAD_IN_MB",
-    "batch_transform": "SAGEMAKER_BATCH",
     "max_concurrent_transforms": "SAGEMAKER_MAX_CONCURRENT_TRANSFORMS",
-    "batch_strategy": "SAGEMAKER_BATCH_STRATEGY",
     "multi_model": "SAGEMAKER_MULTI_MODEL",
     "max_batch_size": "SERVE_MAX_BATCH_SIZE",
     "max_batch_delay_ms": "SERVE_MAX_BATCH_DELAY_MS",
@@ -209,7 +210,16 @@ ENVIRONMENT: dict[str, str] = {
     "threads": "SERVE_THREADS",
     "log_level": "SERVE_LOG_LEVEL",
 }
-"""Setting -> the environment variable that sets it (SageMaker's names first)."""
+"""Setting -> the environment variable that sets it (SageMaker's names first).
+
+Batch transform also sends SAGEMAKER_BATCH and, when the job sets it, SAGEMAKER_BATCH_STRATEGY:
+the server answers each request the same way under either strategy (a body is one image, or
+JSON Lines of them), so they are not settings; SAGEMAKER_MAX_PAYLOAD_IN_MB and
+SAGEMAKER_MAX_CONCURRENT_TRANSFORMS are, because they size the server.
+"""
+
+_OPTIMIZE_ALIASES = {"auto": "jit"}
+"""Older spellings of SERVE_OPTIMIZE that deployments may still set."""
 
 _CASE_INSENSITIVE = {
     "default_accept",
@@ -217,12 +227,11 @@ _CASE_INSENSITIVE = {
     "precision",
     "optimize",
     "log_level",
-    "batch_transform",
 }
 
 
 def markdown_table() -> str:
-    """The README's settings table, rendered from `ServeSettings` (`python -m` prints it)."""
+    """docs/serving.md's settings table, from `ServeSettings` (`python -m` prints it)."""
     rows = ["| variable | default | meaning |", "|---|---|---|"]
     for name, info in ServeSettings.model_fields.items():
         default = "unset" if info.default is None else str(info.default).lower()

@@ -1,7 +1,6 @@
-"""The training job. Importing the package is cheap: `launch` reads the metric regexes from here."""
+"""The training job: `python -m container.training` (the image's `train`) runs `job.main`.
 
-from __future__ import annotations
-
-from container.training.metrics import METRIC_DEFINITIONS, OBJECTIVE_METRIC
-
-__all__ = ["METRIC_DEFINITIONS", "OBJECTIVE_METRIC"]
+Importing the package imports nothing, so that `launch` can read its two torch-free modules on a
+laptop: `metrics` (the metric lines and the regexes that scrape them) and `hyperparameters` (the
+job's schema). The others are the job itself and import torch.
+"""

@@ -21,6 +21,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 
+from container.atomic import write_atomically
 from container.training.errors import ConfigError, ResourceError, TrainingError
 from container.training.state import Best, Parts, RunState
 
@@ -60,6 +61,14 @@ def _restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _write_synced(path: Path, data: memoryview) -> None:
+    """Write and fsync: the rename that follows must not land before the data (a spot kill)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def save_checkpoint(directory: Path, state: dict[str, Any]) -> Path:
     """Write `state` to directory/last.pt atomically; ResourceError when the disk is too full.
 
@@ -71,19 +80,13 @@ def save_checkpoint(directory: Path, state: dict[str, Any]) -> Path:
     torch.save({"format_version": FORMAT_VERSION, **state}, buffer)
     data = buffer.getbuffer()
     path = directory / CHECKPOINT_FILE
-    tmp = directory / f".{CHECKPOINT_FILE}.tmp"
     try:
         directory.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(directory).free
         if free < len(data):
             raise OSError(errno.ENOSPC, "not enough space")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomically(path, lambda tmp: _write_synced(tmp, data))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         if exc.errno in _NO_SPACE:
             raise ResourceError(
                 f"no space left for checkpoints in {directory}: a checkpoint needs "

@@ -20,14 +20,19 @@ import torch
 from torch.utils.data import Dataset
 
 from container.archives import ArchiveError, is_archive, unpack_once
+from container.class_names import class_name
 from container.decoding import DecodeLimits, ImageDecodeError, Preprocessing, decode, eval_crop
 from container.images import random_resized_crop, to_uint8_hwc
-from container.model import class_name
-from container.sagemaker_env import Channel
+from container.sagemaker_env import (
+    DATA_CHANNELS,
+    OPTIONAL_CHANNELS,
+    PRETRAINED_CHANNEL,
+    REQUIRED_CHANNELS,
+    Channel,
+)
 from container.training.errors import DataError
 
 __all__ = [
-    "REQUIRED_CHANNELS",
     "BadImage",
     "DatasetSplits",
     "FoundImages",
@@ -40,8 +45,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-REQUIRED_CHANNELS = ("train", "valid")
-OPTIONAL_CHANNELS = ("test",)
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 # Probe decodes run JPEGs at 1/8 DCT scale: cheap, yet they read every byte, so truncation shows.
 _PROBE_SIDE = 32
@@ -208,13 +211,13 @@ def find_images(channels: dict[str, Channel], scratch: Path) -> FoundImages:
         if name not in channels:
             raise DataError(
                 f"required channel {name!r} is missing: the job has channels {sorted(channels)}; "
-                f"give it {list(REQUIRED_CHANNELS)} (and optionally 'test'), each an ImageFolder "
-                "tree"
+                f"give it {list(REQUIRED_CHANNELS)} (and optionally {list(OPTIONAL_CHANNELS)}), "
+                "each an ImageFolder tree"
             )
-    known = {*REQUIRED_CHANNELS, *OPTIONAL_CHANNELS, "pretrained"}
+    known = {*DATA_CHANNELS, PRETRAINED_CHANNEL}
     if unused := sorted(set(channels) - known):
         logger.warning("Ignoring channels %s", unused)
-    used = [channels[name] for name in (*REQUIRED_CHANNELS, *OPTIONAL_CHANNELS) if name in channels]
+    used = [channels[name] for name in DATA_CHANNELS if name in channels]
     for channel in used:
         if channel.input_mode == "Pipe":
             raise DataError(

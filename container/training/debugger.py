@@ -1,7 +1,7 @@
 """SageMaker Debugger (smdebug) hook: optional, isolated, and never able to fail the job.
 
-smdebug 1.0.34 is the last release and predates this stack (CONTRACT.md §4.6). Three small shims
-keep it working without pinning the image to old libraries:
+smdebug 1.0.34 is the last release and predates this stack (docs/sagemaker-contract.md §3.5). Three
+small shims keep it working without pinning the image to old libraries:
 
 - NumPy >= 2.3 removed `ndarray.tostring`, which smdebug's event writer calls: the writer gets a
   `tobytes` version of that one function;

@@ -1,8 +1,8 @@
 """Data-parallel training over the GPUs of a host and the hosts of resourceconfig.json.
 
 One process per GPU (or `processes_per_host` on CPU), DDP over NCCL on GPUs and gloo on CPUs; the
-master is hosts[0] (CONTRACT.md §2.6). A host with several processes spawns them and forwards
-SIGTERM, because `docker stop` signals PID 1 only.
+master is hosts[0] (docs/sagemaker-contract.md §2.6). A host with several processes spawns them and
+forwards SIGTERM, because `docker stop` signals PID 1 only.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_RESOLVE_TIMEOUT_S = 300.0  # peers' DNS names can appear late (CONTRACT.md §2.6)
+_RESOLVE_TIMEOUT_S = 300.0  # peers' DNS names can appear late (docs/sagemaker-contract.md §2.6)
 _INIT_TIMEOUT = timedelta(minutes=10)
 
 

@@ -39,8 +39,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from container import html_page
 from container.decoding import Preprocessing
-from container.training import _html
 
 __all__ = ["Finding", "Verdict", "findings_html", "judge", "log_issues"]
 
@@ -94,6 +94,39 @@ class Finding:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class _Check:
+    """One question asked of every profile: its name, the rule it stands for and the rule's
+    thresholds; each method answers it with one verdict."""
+
+    name: str
+    title: str
+    rule: str
+    limits: dict[str, float | int]
+
+    def ok(self, message: str, numbers: dict[str, float | int | None]) -> Finding:
+        return Finding(self.name, self.title, "ok", message, "", numbers, self.limits, self.rule)
+
+    def issue(
+        self, message: str, recommendation: str, numbers: dict[str, float | int | None]
+    ) -> Finding:
+        return Finding(
+            self.name,
+            self.title,
+            "issues_found",
+            message,
+            recommendation,
+            numbers,
+            self.limits,
+            self.rule,
+        )
+
+    def not_evaluated(self, why: str) -> Finding:
+        return Finding(
+            self.name, self.title, "not_evaluated", why, thresholds=self.limits, rule=self.rule
+        )
+
+
 def _pct(part: float, whole: float) -> float:
     return round(100.0 * part / whole, 1) if whole > 0 else 0.0
 
@@ -121,13 +154,12 @@ def _gpu_samples(profile: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     ]
 
 
-def _no_gpu(name: str, title: str, rule: str, samples: int) -> Finding:
-    why = (
+def _no_gpu(check: _Check, samples: int) -> Finding:
+    return check.not_evaluated(
         "No GPU readings: the job trained on the CPU (or NVML was missing)."
         if samples == 0
         else f"Only {samples} GPU readings after start-up; at least {MIN_SAMPLES} are needed."
     )
-    return Finding(name, title, "not_evaluated", why, rule=rule)
 
 
 def _workers_advice(setup: Mapping[str, Any]) -> str:
@@ -159,17 +191,16 @@ def _resize_advice(setup: Mapping[str, Any]) -> str:
 
 
 def _initialization(profile: Mapping[str, Any]) -> Finding:
-    name, title, rule = "initialization", "Initialisation time", "MaxInitializationTime"
-    limits = {"threshold_min": MAX_INITIALIZATION_MIN}
+    check = _Check(
+        "initialization",
+        "Initialisation time",
+        "MaxInitializationTime",
+        {"threshold_min": MAX_INITIALIZATION_MIN},
+    )
     init = profile.get("initialization_s")
     if init is None:
-        return Finding(
-            name,
-            title,
-            "not_evaluated",
-            "No training step ran (a run resumed after its last epoch only reports).",
-            thresholds=limits,
-            rule=rule,
+        return check.not_evaluated(
+            "No training step ran (a run resumed after its last epoch only reports)."
         )
     training = sum(e["wall_s"] for e in _epochs(profile))
     numbers: dict[str, float | int | None] = {
@@ -182,30 +213,29 @@ def _initialization(profile: Mapping[str, Any]) -> Finding:
         f"({numbers['initialization_percent']}% of the time to the end of the last epoch)."
     )
     if init <= MAX_INITIALIZATION_MIN * 60:
-        return Finding(name, title, "ok", message, numbers=numbers, thresholds=limits, rule=rule)
-    return Finding(
-        name,
-        title,
-        "issues_found",
+        return check.ok(message, numbers)
+    return check.issue(
         message + f" That is more than the {MAX_INITIALIZATION_MIN:.0f} minutes allowed.",
         "Before the first step the job unpacks archives, checks every image once and loads the "
         "starting weights; the log's timestamps between 'Device ...' and 'Epoch 1/...' show which "
         "took the time. Give the channels folders of images rather than one archive, and an "
         "instance type with more CPUs (images are checked in parallel).",
         numbers,
-        limits,
-        rule,
     )
 
 
 def _dataloader(profile: Mapping[str, Any]) -> Finding:
-    name, title, rule = "dataloader", "Waiting for batches", "Dataloader (threshold ours)"
-    limits = {"threshold_percent": DATA_WAIT_SHARE}
+    check = _Check(
+        "dataloader",
+        "Waiting for batches",
+        "Dataloader (threshold ours)",
+        {"threshold_percent": DATA_WAIT_SHARE},
+    )
     epochs = _epochs(profile)
     wait = sum(e["seconds"]["data"] for e in epochs)
     busy = wait + sum(e["seconds"]["forward_backward"] + e["seconds"]["optimizer"] for e in epochs)
     if busy <= 0:
-        return Finding(name, title, "not_evaluated", "No training steps were timed.", rule=rule)
+        return check.not_evaluated("No training steps were timed.")
     setup = _setup(profile)
     share = _pct(wait, busy)
     numbers: dict[str, float | int | None] = {
@@ -220,29 +250,28 @@ def _dataloader(profile: Mapping[str, Any]) -> Finding:
         f"the next batch, with {numbers['workers']} loader workers."
     )
     if share <= DATA_WAIT_SHARE:
-        return Finding(name, title, "ok", message, numbers=numbers, thresholds=limits, rule=rule)
-    return Finding(
-        name,
-        title,
-        "issues_found",
+        return check.ok(message, numbers)
+    return check.issue(
         message + " Decoding and cropping images cannot keep up with the model.",
         f"The loader is the bottleneck: {_workers_advice(setup)}, or {_resize_advice(setup)}.",
         numbers,
-        limits,
-        rule,
     )
 
 
 def _cpu_bottleneck(profile: Mapping[str, Any]) -> Finding:
-    name, title, rule = "cpu_bottleneck", "CPU bottleneck", "CPUBottleneck"
-    limits = {
-        "threshold_percent": CPU_BOTTLENECK_SHARE,
-        "gpu_threshold": CPU_BOTTLENECK_GPU,
-        "cpu_threshold": CPU_BOTTLENECK_CPU,
-    }
+    check = _Check(
+        "cpu_bottleneck",
+        "CPU bottleneck",
+        "CPUBottleneck",
+        {
+            "threshold_percent": CPU_BOTTLENECK_SHARE,
+            "gpu_threshold": CPU_BOTTLENECK_GPU,
+            "cpu_threshold": CPU_BOTTLENECK_CPU,
+        },
+    )
     samples = _gpu_samples(profile)
     if len(samples) < MIN_SAMPLES:
-        return _no_gpu(name, title, rule, len(samples))
+        return _no_gpu(check, len(samples))
     stalled = [
         s
         for s in samples
@@ -260,66 +289,59 @@ def _cpu_bottleneck(profile: Mapping[str, Any]) -> Finding:
         f"while a CPU core was above {CPU_BOTTLENECK_CPU:.0f}%."
     )
     if share <= CPU_BOTTLENECK_SHARE:
-        return Finding(name, title, "ok", message, numbers=numbers, thresholds=limits, rule=rule)
+        return check.ok(message, numbers)
     setup = _setup(profile)
-    return Finding(
-        name,
-        title,
-        "issues_found",
+    return check.issue(
         message + " The GPU waits for the CPU.",
         f"Move image decoding off the busy core: {_workers_advice(setup)}; "
         f"{_resize_advice(setup)}.",
         numbers,
-        limits,
-        rule,
     )
 
 
 def _low_gpu(profile: Mapping[str, Any]) -> Finding:
-    name, title, rule = "low_gpu_utilization", "GPU utilisation", "LowGPUUtilization"
-    limits = {"threshold_p95": LOW_GPU_P95, "threshold_p5": LOW_GPU_P5, "window": WINDOW}
+    check = _Check(
+        "low_gpu_utilization",
+        "GPU utilisation",
+        "LowGPUUtilization",
+        {"threshold_p95": LOW_GPU_P95, "threshold_p5": LOW_GPU_P5, "window": WINDOW},
+    )
     samples = _gpu_samples(profile)
     if len(samples) < MIN_SAMPLES:
-        return _no_gpu(name, title, rule, len(samples))
+        return _no_gpu(check, len(samples))
     values = [s["gpu_percent"] for s in samples][-WINDOW:]
     p95, p5 = _q(values, 0.95), _q(values, 0.05)
     numbers: dict[str, float | int | None] = {"samples": len(values), "p95": p95, "p5": p5}
     message = f"GPU utilisation: p95 {p95}%, p5 {p5}% over the last {len(values)} samples."
     batch = _setup(profile).get("batch_size")
     if p95 < LOW_GPU_P95:
-        return Finding(
-            name,
-            title,
-            "issues_found",
+        return check.issue(
             message + f" The GPU is under-used (p95 below {LOW_GPU_P95:.0f}%).",
             "Look at the data-loader and CPU findings first; if they are ok, raise `batch_size` "
             f"(now {batch}) and `lr` with it, or use a smaller GPU instance type.",
             numbers,
-            limits,
-            rule,
         )
     if p5 < LOW_GPU_P5:
-        return Finding(
-            name,
-            title,
-            "issues_found",
+        return check.issue(
             message + f" Utilisation swings between busy and idle (p5 below {LOW_GPU_P5:.0f}%).",
             "The GPU idles between busy spells: see the data-loader, checkpoint and evaluation "
             "findings for where the time goes.",
             numbers,
-            limits,
-            rule,
         )
-    return Finding(name, title, "ok", message, numbers=numbers, thresholds=limits, rule=rule)
+    return check.ok(message, numbers)
 
 
 def _memory_increase(profile: Mapping[str, Any]) -> Finding:
-    name, title, rule = "gpu_memory_increase", "GPU memory increase", "GPUMemoryIncrease"
-    limits = {"increase_percent": MEMORY_INCREASE, "window": MEMORY_WINDOW}
+    check = _Check(
+        "gpu_memory_increase",
+        "GPU memory increase",
+        "GPUMemoryIncrease",
+        {"increase_percent": MEMORY_INCREASE, "window": MEMORY_WINDOW},
+    )
     samples = _gpu_samples(profile)
     total = profile.get("gpu_memory_total_mb")
     if len(samples) < MIN_SAMPLES or not total:
-        return _no_gpu(name, title, rule, len(samples) if total else 0)
+        return _no_gpu(check, len(samples) if total else 0)
     used = [100.0 * (s.get("gpu_memory_mb") or 0.0) / total for s in samples]
     # The rule's moving averages, as it computes them each time a sample arrives.
     increases = [
@@ -342,33 +364,32 @@ def _memory_increase(profile: Mapping[str, Any]) -> Finding:
         f"{numbers['max_increase_percent']} points at once."
     )
     if not jumps:
-        return Finding(name, title, "ok", message, numbers=numbers, thresholds=limits, rule=rule)
+        return check.ok(message, numbers)
     batch = _setup(profile).get("batch_size")
-    return Finding(
-        name,
-        title,
-        "issues_found",
+    return check.issue(
         message + f" It jumped by more than {MEMORY_INCREASE:.0f} points {jumps} time(s).",
         "If memory keeps growing the job will run out of GPU memory: lower `batch_size` "
         f"(now {batch}) or use an instance type with more GPU memory.",
         numbers,
-        limits,
-        rule,
     )
 
 
 def _batch_size(profile: Mapping[str, Any]) -> Finding:
-    name, title, rule = "batch_size", "Batch size too small", "BatchSize"
-    limits = {
-        "cpu_threshold_p95": BATCH_CPU_P95,
-        "gpu_threshold_p95": BATCH_GPU_P95,
-        "gpu_memory_threshold_p95": BATCH_GPU_MEMORY_P95,
-        "window": WINDOW,
-    }
+    check = _Check(
+        "batch_size",
+        "Batch size too small",
+        "BatchSize",
+        {
+            "cpu_threshold_p95": BATCH_CPU_P95,
+            "gpu_threshold_p95": BATCH_GPU_P95,
+            "gpu_memory_threshold_p95": BATCH_GPU_MEMORY_P95,
+            "window": WINDOW,
+        },
+    )
     samples = _gpu_samples(profile)[-WINDOW:]
     total = profile.get("gpu_memory_total_mb")
     if len(samples) < MIN_SAMPLES or not total:
-        return _no_gpu(name, title, rule, len(samples) if total else 0)
+        return _no_gpu(check, len(samples) if total else 0)
     cpu = _q([s["cpu_percent"] for s in samples], 0.95)
     gpu = _q([s["gpu_percent"] for s in samples], 0.95)
     memory = _q([100.0 * (s.get("gpu_memory_mb") or 0.0) / total for s in samples], 0.95)
@@ -380,35 +401,29 @@ def _batch_size(profile: Mapping[str, Any]) -> Finding:
     }
     message = f"p95 of CPU {cpu}%, GPU {gpu}%, GPU memory {memory}%."
     if cpu >= BATCH_CPU_P95 or gpu >= BATCH_GPU_P95 or memory >= BATCH_GPU_MEMORY_P95:
-        return Finding(name, title, "ok", message, numbers=numbers, thresholds=limits, rule=rule)
+        return check.ok(message, numbers)
     batch = _setup(profile).get("batch_size")
-    return Finding(
-        name,
-        title,
-        "issues_found",
+    return check.issue(
         message + " All three are below 70%: the machine is bigger than the batches need.",
         f"Raise `batch_size` (now {batch}; scale `lr` with it), or use a smaller instance type.",
         numbers,
-        limits,
-        rule,
     )
 
 
 def _step_outliers(profile: Mapping[str, Any]) -> Finding:
-    name, title, rule = "step_outliers", "Step-time outliers", "StepOutlier"
-    limits = {"stddev": OUTLIER_STDDEV, "n_outliers": OUTLIER_COUNT}
+    check = _Check(
+        "step_outliers",
+        "Step-time outliers",
+        "StepOutlier",
+        {"stddev": OUTLIER_STDDEV, "n_outliers": OUTLIER_COUNT},
+    )
     steps = [
         (e["epoch"], i, t) for e in _epochs(profile) for i, t in enumerate(e.get("step_s", []))
     ]
     if len(steps) <= OUTLIER_MIN_STEPS:
-        return Finding(
-            name,
-            title,
-            "not_evaluated",
+        return check.not_evaluated(
             f"{len(steps)} timed training steps; StepOutlier judges from {OUTLIER_MIN_STEPS + 1} "
-            "on.",
-            thresholds=limits,
-            rule=rule,
+            "on."
         )
     values = np.array([t for _, _, t in steps])
     mean, std = float(values.mean()), float(values.std())
@@ -429,7 +444,7 @@ def _step_outliers(profile: Mapping[str, Any]) -> Finding:
         f"standard deviations ({limit:.3f} s; median step {numbers['p50_s']} s)."
     )
     if len(outliers) <= OUTLIER_COUNT:
-        return Finding(name, title, "ok", message, numbers=numbers, thresholds=limits, rule=rule)
+        return check.ok(message, numbers)
     first = sum(1 for _, i, _ in outliers if i == 0)
     where = ", ".join(f"epoch {e} step {i + 1}" for e, i, _ in outliers[:5])
     cause = (
@@ -437,16 +452,11 @@ def _step_outliers(profile: Mapping[str, Any]) -> Finding:
         if first * 2 >= len(outliers)
         else "they are not tied to the start of epochs"
     )
-    return Finding(
-        name,
-        title,
-        "issues_found",
+    return check.issue(
         message + f" E.g. {where}.",
         f"Steps should take about the same time; {cause}. Check for other work on the machine "
         "(the Machine section below), a slow disk under the channels, or memory pressure.",
         numbers,
-        limits,
-        rule,
     )
 
 
@@ -479,10 +489,11 @@ def _between_steps(
 ) -> Finding:
     """A phase that runs between an epoch's training steps (checkpoints, evaluation): an issue
     above the ProfilerReport's 25% for "others", judged on the median epoch."""
-    rule = "ProfilerReport (others)"
-    limits = {"threshold_percent": BETWEEN_STEPS_SHARE}
+    check = _Check(
+        name, title, "ProfilerReport (others)", {"threshold_percent": BETWEEN_STEPS_SHARE}
+    )
     if not any(e["wall_s"] > 0 for e in _epochs(profile)):
-        return Finding(name, title, "not_evaluated", "No epoch completed.", rule=rule)
+        return check.not_evaluated("No epoch completed.")
     share, numbers = _share_per_epoch(profile, phase)
     message = (
         f"{doing} took {share}% of each epoch (median; {numbers['seconds_per_epoch']} s per "
@@ -490,8 +501,8 @@ def _between_steps(
         f"{numbers['total_percent']}% of all epoch time)."
     )
     if share <= BETWEEN_STEPS_SHARE:
-        return Finding(name, title, "ok", message, numbers=numbers, thresholds=limits, rule=rule)
-    return Finding(name, title, "issues_found", message, advice, numbers, limits, rule)
+        return check.ok(message, numbers)
+    return check.issue(message, advice, numbers)
 
 
 def _checkpoints(profile: Mapping[str, Any]) -> Finding:
@@ -556,14 +567,14 @@ def findings_html(findings: Sequence[Mapping[str, Any]]) -> str:
     order = {"issues_found": 0, "ok": 1, "not_evaluated": 2}
     ranked = sorted(findings, key=lambda f: order.get(f["verdict"], 3))
     issues = sum(1 for f in findings if f["verdict"] == "issues_found")
-    return _html.section(
+    return html_page.section(
         "Findings",
-        _html.note(
+        html_page.note(
             f"{issues} of {len(findings)} checks found issues. The checks answer the questions of "
             "SageMaker Debugger's ProfilerReport rules, with their default thresholds, from this "
             "job's own profile."
         ),
-        _html.table(
+        html_page.table(
             ["check", "verdict", "what was found", "what to do"],
             [
                 [

@@ -77,8 +77,9 @@ def _workers(
 ) -> int:
     """Loader workers: as asked or `_auto_workers`, fewer if /dev/shm is small.
 
-    Docker's default 64 MB /dev/shm kills workers with "Bus error" (CONTRACT.md §2.8); batches are
-    uint8, so a few workers fit even there, and none are used when not even one fits.
+    Docker's default 64 MB /dev/shm kills workers with "Bus error" (docs/sagemaker-contract.md
+    §2.8); batches are uint8, so a few workers fit even there, and none are used when not even one
+    fits.
     """
     wanted = _auto_workers(cpus, device) if requested == "auto" else requested
     free = _shm_free()

@@ -1,7 +1,7 @@
 """The training job's hyperparameters: names, types, defaults and meanings, in one schema.
 
 Values arrive as strings in hyperparameters.json and are decoded by `sagemaker_env` (JSON if it
-parses, lenient coercion); this schema is the single source for the README's table too.
+parses, lenient coercion); this schema is the single source for docs/training.md's table too.
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def _type_name(annotation: Any) -> str:
 
 
 def markdown_table() -> str:
-    """The README's hyperparameter table, rendered from this schema (`python -m` prints it)."""
+    """docs/training.md's hyperparameter table, from this schema (`python -m` prints it)."""
     rows = ["| name | type | default | meaning |", "|---|---|---|---|"]
     for name, info in Hyperparameters.model_fields.items():
         default = "none" if info.default is None else str(info.default).lower()

@@ -18,7 +18,7 @@ from torch import nn
 from container.decoding import Preprocessing
 from container.devices import describe_cuda
 from container.model import ArtifactError, build, load_backbone_weights
-from container.sagemaker_env import write_failure
+from container.sagemaker_env import PRETRAINED_CHANNEL, write_failure
 from container.training import distributed, findings, metrics
 from container.training.checkpoint import load_checkpoint, restore, save_checkpoint, snapshot
 from container.training.data import build_splits, find_images, probe_images
@@ -112,7 +112,7 @@ def _build(settings: TrainSettings, rank: Rank) -> Parts:
         source = find_pretrained(
             hp.arch,
             hp.pretrained_weights,
-            settings.channels.get("pretrained"),
+            settings.channels.get(PRETRAINED_CHANNEL),
             settings.hub_dir,
             settings.scratch_dir,
         )

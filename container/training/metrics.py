@@ -1,9 +1,10 @@
 """The metric lines SageMaker scrapes from the log, and the regexes that scrape them.
 
-One line per epoch, from rank 0 only, `key=value` pairs ending in `;` (CONTRACT.md §2.4); the
-objective `val_acc` is the last pair of each line, and the job's last line carries the objective of
-the model it ships. `launch` passes `METRIC_DEFINITIONS` to both the estimator and the tuner, so
-printing and scraping cannot drift apart. This module imports nothing heavy for that reason.
+One line per epoch, from rank 0 only, `key=value` pairs ending in `;` (docs/sagemaker-contract.md
+§2.5); the objective `val_acc` is the last pair of each line, and the job's last line carries the
+objective of the model it ships. `launch` passes `METRIC_DEFINITIONS` to both the estimator and the
+tuner, so printing and scraping cannot drift apart. This module imports nothing heavy for that
+reason.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """The job's own profile: where each epoch's time went, throughput, and how busy the machine was.
 
-SageMaker's framework profiler does not support PyTorch 2 (CONTRACT.md §4.5), so the loop times its
-phases itself and a background thread samples CPU, memory and GPU use. Each training step's
-duration is kept too (one float per step), and the time from the process's start to the first
-step: what SageMaker's StepOutlier and MaxInitializationTime rules look at. `findings` judges
-the result; `reports` turns it into profile.json and profile.html.
+SageMaker's framework profiler does not support PyTorch 2 (docs/sagemaker-contract.md §3.4), so the
+loop times its phases itself and a background thread samples CPU, memory and GPU use. Each training
+step's duration is kept too (one float per step), and the time from the process's start to the first
+step: what SageMaker's StepOutlier and MaxInitializationTime rules look at. `findings` judges the
+result; `reports` turns it into profile.json and profile.html.
 """
 
 from __future__ import annotations

@@ -7,7 +7,6 @@ plots. SageMaker tars the folder into output.tar.gz next to model.tar.gz.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,27 +14,16 @@ from typing import Any
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from container.training import _html
+from container import html_page
+from container.atomic import write_text_atomically
+from container.sagemaker_env import EVALUATION_HTML, EVALUATION_JSON, PROFILE_HTML, PROFILE_JSON
 from container.training.data import DatasetSplits
 from container.training.findings import findings_html
 from container.training.loop import EvalResult
 from container.training.profiler import PHASES
 from container.training.rules_report import rules_section
 
-__all__ = [
-    "EVALUATION_HTML",
-    "EVALUATION_JSON",
-    "PROFILE_HTML",
-    "PROFILE_JSON",
-    "evaluation_report",
-    "write_evaluation",
-    "write_profile",
-]
-
-EVALUATION_JSON = "evaluation.json"
-EVALUATION_HTML = "evaluation.html"
-PROFILE_JSON = "profile.json"
-PROFILE_HTML = "profile.html"
+__all__ = ["evaluation_report", "write_evaluation", "write_profile"]
 
 _WORST = 15
 _CONFUSED = 10
@@ -91,13 +79,6 @@ def evaluation_report(
     }
 
 
-def _write(directory: Path, name: str, text: str) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{name}.tmp"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, directory / name)
-
-
 # --- evaluation --------------------------------------------------------------------------------
 
 
@@ -115,7 +96,7 @@ def _curves(history: Sequence[Mapping[str, Any]]) -> str:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     loss_ax.legend()
     acc_ax.legend()
-    return _html.figure(fig, "loss and accuracy per epoch")
+    return html_page.figure(fig, "loss and accuracy per epoch")
 
 
 def _worst(split: Mapping[str, Any]) -> tuple[str, list[Mapping[str, Any]]]:
@@ -125,7 +106,7 @@ def _worst(split: Mapping[str, Any]) -> tuple[str, list[Mapping[str, Any]]]:
     ax = fig.subplots()
     ax.barh([c["class"] for c in reversed(worst)], [c["accuracy"] for c in reversed(worst)])
     ax.set(xlim=(0, 1), xlabel="accuracy", title=f"{len(worst)} worst classes")
-    return _html.figure(fig, "worst classes"), worst
+    return html_page.figure(fig, "worst classes"), worst
 
 
 def _confused_pairs(split: Mapping[str, Any], classes: Sequence[str]) -> list[list[object]]:
@@ -142,25 +123,25 @@ def _confused_pairs(split: Mapping[str, Any], classes: Sequence[str]) -> list[li
 def _matrix(split: Mapping[str, Any], name: str) -> str:
     matrix = split["confusion_matrix"]
     if len(matrix) > _MAX_MATRIX_CLASSES:
-        return _html.note("Too many classes to draw; the matrix is in evaluation.json.")
+        return html_page.note("Too many classes to draw; the matrix is in evaluation.json.")
     fig = Figure(figsize=(7, 6))
     ax = fig.subplots()
     image = ax.imshow(matrix, cmap="Blues")
     ax.set(title=f"Confusion matrix ({name})", xlabel="predicted", ylabel="true")
     fig.colorbar(image)
-    return _html.figure(fig, f"confusion matrix for {name}")
+    return html_page.figure(fig, f"confusion matrix for {name}")
 
 
 def _evaluation_html(report: Mapping[str, Any]) -> str:
     splits = report["splits"]
-    summary = _html.table(
+    summary = html_page.table(
         ["split", "images", "accuracy", "top-5", "loss"],
         [[n, s["images"], s["accuracy"], s["top5"], s["loss"]] for n, s in splits.items()],
     )
     sections = [
-        _html.section(
+        html_page.section(
             "Summary",
-            _html.note(
+            html_page.note(
                 f"model {report['model_version']}, best epoch {report['best_epoch']} of "
                 f"{report['epochs_completed']}"
             ),
@@ -168,16 +149,16 @@ def _evaluation_html(report: Mapping[str, Any]) -> str:
         )
     ]
     if report["history"]:
-        sections.append(_html.section("Training curves", _curves(report["history"])))
+        sections.append(html_page.section("Training curves", _curves(report["history"])))
     sections.append(rules_section(report))
     focus = "test" if "test" in splits else "valid"
     if focus in splits:
         plot, worst = _worst(splits[focus])
         sections.append(
-            _html.section(
+            html_page.section(
                 f"Worst classes ({focus})",
                 plot,
-                _html.table(
+                html_page.table(
                     ["class", "support", "correct", "accuracy"],
                     [[c["class"], c["support"], c["correct"], c["accuracy"]] for c in worst],
                 ),
@@ -185,9 +166,9 @@ def _evaluation_html(report: Mapping[str, Any]) -> str:
         )
         confused = _confused_pairs(splits[focus], report["classes"])[:_CONFUSED]
         sections.append(
-            _html.section(
+            html_page.section(
                 f"Most confused ({focus})",
-                _html.table(["true class", "predicted as", "images"], confused),
+                html_page.table(["true class", "predicted as", "images"], confused),
                 _matrix(splits[focus], focus),
             )
         )
@@ -197,21 +178,21 @@ def _evaluation_html(report: Mapping[str, Any]) -> str:
         for s in data["skipped"]
     ]
     sections.append(
-        _html.section(
+        html_page.section(
             "Data",
-            _html.table(
+            html_page.table(
                 ["channel", "images used", "skipped"],
                 [[c, d["images"], len(d["skipped"])] for c, d in report["data"].items()],
             ),
-            _html.table(["channel", "skipped file", "reason"], skipped) if skipped else "",
+            html_page.table(["channel", "skipped file", "reason"], skipped) if skipped else "",
         )
     )
-    return _html.page("Evaluation report", *sections)
+    return html_page.page("Evaluation report", *sections)
 
 
 def write_evaluation(directory: Path, report: Mapping[str, Any]) -> None:
-    _write(directory, EVALUATION_JSON, json.dumps(report, indent=1))
-    _write(directory, EVALUATION_HTML, _evaluation_html(report))
+    write_text_atomically(directory / EVALUATION_JSON, json.dumps(report, indent=1))
+    write_text_atomically(directory / EVALUATION_HTML, _evaluation_html(report))
 
 
 # --- profile -----------------------------------------------------------------------------------
@@ -232,7 +213,7 @@ def _phase_plot(epochs: Sequence[Mapping[str, Any]]) -> str:
     rate_ax.set(title="Training throughput", xlabel="epoch", ylabel="images/s", ylim=(0, None))
     for ax in (time_ax, rate_ax):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    return _html.figure(fig, "time split and throughput per epoch")
+    return html_page.figure(fig, "time split and throughput per epoch")
 
 
 def _usage_plot(samples: Sequence[Mapping[str, Any]]) -> str:
@@ -248,12 +229,12 @@ def _usage_plot(samples: Sequence[Mapping[str, Any]]) -> str:
     mem_ax.set(title="Memory", xlabel="seconds", ylabel="MB")
     util_ax.legend()
     mem_ax.legend()
-    return _html.figure(fig, "CPU, GPU and memory over time")
+    return html_page.figure(fig, "CPU, GPU and memory over time")
 
 
 def _profile_html(profile: Mapping[str, Any]) -> str:
     epochs = profile["epochs"]
-    setup = _html.table(["setting", "value"], sorted(profile["setup"].items()))
+    setup = html_page.table(["setting", "value"], sorted(profile["setup"].items()))
     rows = [
         [e["epoch"], e["train_images"], e["images_per_sec"], e["wall_s"]]
         + [e["seconds"][p] for p in PHASES]
@@ -261,11 +242,11 @@ def _profile_html(profile: Mapping[str, Any]) -> str:
     ]
     sections = [
         findings_html(profile.get("findings", [])),
-        _html.section("Setup", setup),
-        _html.section(
+        html_page.section("Setup", setup),
+        html_page.section(
             "Epochs",
             _phase_plot(epochs) if epochs else "",
-            _html.table(["epoch", "images", "images/s", "wall s", *PHASES], rows),
+            html_page.table(["epoch", "images", "images/s", "wall s", *PHASES], rows),
         ),
     ]
     samples = profile["samples"]
@@ -279,11 +260,11 @@ def _profile_html(profile: Mapping[str, Any]) -> str:
         if gpu:
             stats.append(["mean GPU %", sum(gpu) / len(gpu)])
         sections.append(
-            _html.section("Machine", _usage_plot(samples), _html.table(["", ""], stats))
+            html_page.section("Machine", _usage_plot(samples), html_page.table(["", ""], stats))
         )
-    return _html.page("Training profile", *sections)
+    return html_page.page("Training profile", *sections)
 
 
 def write_profile(directory: Path, profile: Mapping[str, Any]) -> None:
-    _write(directory, PROFILE_JSON, json.dumps(profile, indent=1))
-    _write(directory, PROFILE_HTML, _profile_html(profile))
+    write_text_atomically(directory / PROFILE_JSON, json.dumps(profile, indent=1))
+    write_text_atomically(directory / PROFILE_HTML, _profile_html(profile))

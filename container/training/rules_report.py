@@ -16,7 +16,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from container.training import _html
+from container import html_page
 
 __all__ = ["rules_section"]
 
@@ -66,7 +66,7 @@ def _loss_plot(evidence: Mapping[str, Any], rules: Sequence[Mapping[str, Any]]) 
     epoch_ax.set(title="Loss per epoch", xlabel="global step at the epoch's end")
     epoch_ax.legend(fontsize="small")
     _mark(epoch_ax, _fired(rules, "overfit", "overtraining"))
-    return _html.figure(fig, "training loss per step and per epoch, with the steps rules fired")
+    return html_page.figure(fig, "training loss per step and per epoch, with the steps rules fired")
 
 
 def _gradient_plot(evidence: Mapping[str, Any], rules: Sequence[Mapping[str, Any]]) -> str:
@@ -88,7 +88,7 @@ def _gradient_plot(evidence: Mapping[str, Any], rules: Sequence[Mapping[str, Any
     )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     _mark(ax, _fired(rules, "vanishing_gradient", "exploding_tensor"))
-    return _html.figure(fig, "gradient norm of each layer over the steps")
+    return html_page.figure(fig, "gradient norm of each layer over the steps")
 
 
 def _start_plot(evidence: Mapping[str, Any]) -> str:
@@ -113,7 +113,7 @@ def _start_plot(evidence: Mapping[str, Any]) -> str:
         yscale="log",
     )
     fig.tight_layout()
-    return _html.figure(fig, "ReLU input variance and weight spread per layer at the start")
+    return html_page.figure(fig, "ReLU input variance and weight spread per layer at the start")
 
 
 def rules_section(report: Mapping[str, Any]) -> str:
@@ -123,12 +123,12 @@ def rules_section(report: Mapping[str, Any]) -> str:
         return ""
     evidence: Mapping[str, Any] = report.get("rule_evidence") or {}
     parts = [
-        _html.note(
+        html_page.note(
             "What SageMaker Debugger's built-in rules check, evaluated by the training job itself "
             "with the rules' default parameters, from the losses, gradients and first activations "
             "it recorded. The step is the global training step where a rule first fired."
         ),
-        _html.table(
+        html_page.table(
             ["rule", "verdict", "step", "what it means"],
             [[r["name"], _STATUS[r["status"]], r["step"], r["message"]] for r in rules],
         ),
@@ -139,4 +139,4 @@ def rules_section(report: Mapping[str, Any]) -> str:
         parts.append(_gradient_plot(evidence, rules))
     if evidence.get("relu_input_variance"):
         parts.append(_start_plot(evidence))
-    return _html.section("Debugger rules", *parts)
+    return html_page.section("Debugger rules", *parts)

@@ -26,7 +26,8 @@ from container.training.hyperparameters import Hyperparameters
 
 __all__ = ["TrainSettings", "read_settings"]
 
-_DEFAULT_MASTER_PORT = 7777  # what the training toolkit and SDK v3 use (CONTRACT.md §2.6)
+# What the training toolkit and SDK v3 use (docs/sagemaker-contract.md §2.6).
+_DEFAULT_MASTER_PORT = 7777
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ def read_settings(environ: Mapping[str, str]) -> TrainSettings:
         tensorboard_dir=tensorboard_dir,
         debug_config=Path(environ.get("SMDEBUG_CONFIG_FILE_PATH", opt_ml.debughookconfig_file)),
         hub_dir=Path(torch.hub.get_dir()),
-        # Scratch for unpacked archives: /tmp is not synced to S3 (CONTRACT.md §2.1).
+        # Scratch for unpacked archives: /tmp is not synced to S3 (docs/sagemaker-contract.md §2.1).
         scratch_dir=Path(tempfile.gettempdir()) / "train-scratch" / tree,
         job_name=environ.get("TRAINING_JOB_NAME"),
         instance_type=resources.current_instance_type,
