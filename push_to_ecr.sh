@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build the image for linux/amd64 and push it to ECR (creating the repository when missing), then
-# print its URI as the last line of stdout; everything else goes to stderr. See --help.
+# print the pushed image's digest URI, the one line of stdout; everything else goes to stderr.
+# See --help.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -10,8 +11,10 @@ usage() {
 Usage: ${0##*/} [options]
 
 Build this repository's image for linux/amd64, tag it VERSION and latest, and push both to ECR,
-creating the repository (scan on push, AES256 encryption) if it does not exist. The last line of
-stdout is the image URI, REGISTRY/REPOSITORY:VERSION; the commands run are shown on stderr.
+creating the repository (scan on push, AES256 encryption) if it does not exist. The one line of
+stdout is the pushed image by digest, REGISTRY/REPOSITORY@sha256:DIGEST: the exact image, which a
+later push of VERSION or latest does not change (pin it in image_uri); VERSION and latest are on
+stderr beside it. The commands run are shown on stderr.
 
 Options:
   --region REGION        AWS region (default: AWS_REGION, AWS_DEFAULT_REGION, then the CLI config)
@@ -22,8 +25,10 @@ Options:
   --build-arg K=V        for docker build, repeatable: BASE_IMAGE, TORCH_INDEX_URL, TORCH_CUDA, BAKE_WEIGHTS
   --registry HOST[:PORT] push there instead of ACCOUNT.dkr.ecr.REGION.amazonaws.com (a VPC endpoint
                          or private registry)
-  --dry-run              print the commands (pasteable after "+ ") and the URI; change nothing
-                         (it still asks STS for the account and checks the docker engine)
+  --dry-run              print the commands (pasteable after "+ ") and, on stdout, the URI
+                         REGISTRY/REPOSITORY:VERSION (no digest before a push); change nothing
+                         (it still asks STS for the account, ECR whether the repository exists,
+                         and checks the docker engine)
   -h, --help             this help
 EOF
 }
@@ -42,12 +47,11 @@ quote() {
   echo "${line% }"
 }
 
-# Show a command line and run it, unless this is a dry run. Its output goes to stderr: stdout is
-# kept for the URI. Commands are strings (built with `quote`) so that the login pipeline shows and
-# runs exactly as written.
+# Show a command (pasteable) and run it, unless this is a dry run. Its output goes to stderr:
+# stdout is kept for the image.
 run() {
-  echo "+ $1" >&2
-  [ -n "$dry_run" ] || eval "$1" >&2
+  echo "+ $(quote "$@")" >&2
+  [ -n "$dry_run" ] || "$@" >&2
 }
 
 region="" account="" tag="" registry="" dry_run=""
@@ -100,16 +104,35 @@ tag=${tag:-$(git -C "$ROOT" describe --tags --always --dirty 2>/dev/null ||
   die "'$tag' is not a valid docker tag (letters, digits, '_', '.', '-'; at most 128): pass --tag"
 image=$registry/$repository
 
-ecr="aws ecr --region $(quote "$region")"
-in_registry="--registry-id $(quote "$account")"
-describe="$ecr describe-repositories $in_registry --repository-names $(quote "$repository")"
-create="$ecr create-repository $in_registry --repository-name $(quote "$repository") \
---image-scanning-configuration scanOnPush=true --encryption-configuration encryptionType=AES256 \
---query repository.repositoryUri --output text"
-run "$describe >/dev/null 2>&1 || $create"
-run "$ecr get-login-password | docker login --username AWS --password-stdin $(quote "$registry")"
-run "docker build $(quote "${build_flags[@]}") --tag $(quote "$image:$tag") $(quote "$ROOT")"
-run "docker tag $(quote "$image:$tag" "$image:latest")"
-run "docker push $(quote "$image:$tag")"
-run "docker push $(quote "$image:latest")"
-echo "$image:$tag"
+ecr=(aws ecr --region "$region")
+# Looking is harmless, so a dry run looks too, and shows the create only when it would run.
+if ! "${ecr[@]}" describe-repositories --registry-id "$account" \
+  --repository-names "$repository" >/dev/null 2>&1; then
+  run "${ecr[@]}" create-repository --registry-id "$account" --repository-name "$repository" \
+    --image-scanning-configuration scanOnPush=true --encryption-configuration encryptionType=AES256 \
+    --query repository.repositoryUri --output text
+fi
+password=("${ecr[@]}" get-login-password)
+login=(docker login --username AWS --password-stdin "$registry")
+echo "+ $(quote "${password[@]}") | $(quote "${login[@]}")" >&2
+[ -n "$dry_run" ] || "${password[@]}" | "${login[@]}" >&2
+run docker build "${build_flags[@]}" --tag "$image:$tag" "$ROOT"
+run docker tag "$image:$tag" "$image:latest"
+run docker push "$image:$tag"
+run docker push "$image:latest"
+if [ -n "$dry_run" ]; then
+  echo "$image:$tag"
+  exit 0
+fi
+# The registry's digest of the manifest just pushed, which docker records after a push (the image
+# may carry digests from other repositories too).
+digest=""
+for reference in $(docker image inspect --format '{{join .RepoDigests " "}}' "$image:$tag"); do
+  if [[ $reference == "$image@sha256:"* ]]; then
+    digest=$reference
+  fi
+done
+[ -n "$digest" ] ||
+  die "docker recorded no digest of $image in the push; see 'docker image inspect $image:$tag'"
+echo "pushed $image:$tag and $image:latest as $digest" >&2
+echo "$digest"

@@ -1,4 +1,4 @@
-"""The real image, built from the real Dockerfile, and ways to run it on an /opt/ml tree.
+"""The real image, built from the real Dockerfile, and ways to run it and wait for it.
 
 `make test` starts a docker engine and makes the base image first (docker/engine.sh,
 docker/base-image.sh); the build here uses that base, torch from the package index the machine
@@ -8,19 +8,26 @@ has (PyPI's build), and no baked weights, as a build behind no registry and no w
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
+import httpx
 import pytest
 
-from container.sagemaker_env import OptMl
-from tests.conftest import FAST, ROOT, Job
+from tests.conftest import ROOT, free_port
 
-BASE_IMAGE = os.environ.get("TEST_BASE_IMAGE", "byoc-base:bookworm")
 TAG = "byoc:test"
+BUILD_ARGS = {
+    "BASE_IMAGE": os.environ.get("TEST_BASE_IMAGE", "byoc-base:bookworm"),
+    "TORCH_INDEX_URL": "",  # PyPI's torch,
+    "TORCH_CUDA": "13.0",  # which is built for CUDA 13.0
+    "BAKE_WEIGHTS": "0",
+}
+"""The Dockerfile's build arguments for the tests' image. push_to_ecr.sh and docker-compose get the
+same, so that their builds are all cache hits: the image they make is this one."""
+BUILD_FLAGS = tuple(flag for k, v in BUILD_ARGS.items() for flag in ("--build-arg", f"{k}={v}"))
 _BUILD_TIMEOUT_S = 1800
 
 
@@ -40,37 +47,45 @@ def image() -> str:
     """The image tag, built once per session (docker's layer cache makes rebuilds quick)."""
     if docker("info", check=False).returncode != 0:
         raise AssertionError("no docker engine answers; run docker/engine.sh (make test does)")
-    docker(
-        "build",
-        "--build-arg", f"BASE_IMAGE={BASE_IMAGE}",
-        "--build-arg", "TORCH_INDEX_URL=",
-        "--build-arg", "TORCH_CUDA=13.0",  # PyPI's torch
-        "--build-arg", "BAKE_WEIGHTS=0",
-        "--tag", TAG,
-        str(ROOT),
-        timeout=_BUILD_TIMEOUT_S,
-    )  # fmt: skip
+    docker("build", *BUILD_FLAGS, "--tag", TAG, str(ROOT), timeout=_BUILD_TIMEOUT_S)
     return TAG
 
 
-@dataclass(frozen=True)
-class Container:
-    """`docker run` of the image with an /opt/ml tree mounted at /opt/ml."""
-
-    image: str
-    opt_ml: Path
-
-    def args(self, *options: str) -> list[str]:
-        return ["run", "--rm", "--volume", f"{self.opt_ml}:/opt/ml", *options, self.image]
-
-    def run(self, command: Sequence[str], timeout: float = 600) -> subprocess.CompletedProcess[str]:
-        return docker(*self.args(), *command, timeout=timeout, check=False)
+def image_id(reference: str) -> str:
+    return docker("image", "inspect", "--format", "{{.Id}}", reference).stdout.strip()
 
 
-def training_job(base: Path, dataset: Path) -> Job:
-    """An /opt/ml tree under `base` with the sample dataset in train/valid/test, quick settings."""
-    job = Job(OptMl(base / "opt_ml"))
-    shutil.copytree(dataset, job.opt_ml.data_dir)
-    job.set_channels("train", "valid", "test")
-    job.set_hyperparameters(FAST, image_size=64, epochs=3, lr=0.02)
-    return job
+def containers_of(image: str) -> list[str]:
+    """Every container of `image`, running or not (SageMaker's local mode leaves some behind)."""
+    return docker("ps", "--all", "--quiet", "--filter", f"ancestor={image}").stdout.split()
+
+
+def wait_for_ping(url: str, logs: Callable[[], str], timeout: float = 120) -> None:
+    """Poll `url`/ping until it answers 200; fail with `logs()` (the server's) if it never does."""
+    deadline = time.monotonic() + timeout
+    status = None
+    while time.monotonic() < deadline:
+        try:
+            status = httpx.get(f"{url}/ping", timeout=5).status_code
+        except httpx.TransportError:
+            status = None
+        if status == 200:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"/ping answered {status} for {timeout} s:\n{logs()}")
+
+
+@contextmanager
+def serving(image: str, *run_options: str) -> Iterator[tuple[str, str]]:
+    """`docker run --detach` of the image's CMD on a free host port, healthy; (name, base URL).
+    The container is removed at the end, however the test went."""
+    port = free_port()
+    name = f"serve-{port}"
+    docker("run", "--detach", "--name", name, "--publish", f"127.0.0.1:{port}:8080",
+           *run_options, image)  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for_ping(url, lambda: docker("logs", name, check=False).stderr)
+        yield name, url
+    finally:
+        docker("rm", "--force", name, check=False)

@@ -5,19 +5,19 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import yaml
 
-from tests.conftest import ROOT, _free_port
-from tests.container.conftest import docker
+from tests.conftest import ROOT, free_port
+from tests.container.conftest import BUILD_ARGS, docker, image_id, wait_for_ping
 
-DEMO = {"epochs": 2, "batch_size": 16}
+DEMO = {"epochs": 2, "batch_size": 16, "image_size": 32}  # the demo's settings, made quicker
 
 
 @dataclass(frozen=True)
@@ -39,16 +39,25 @@ class Compose:
             check=False,
         )
 
-    def exit_code(self, service: str) -> int:
+    def inspect(self, service: str) -> dict[str, Any]:
         container = self("ps", "--quiet", service).stdout.strip()
-        return int(docker("inspect", "--format", "{{.State.ExitCode}}", container).stdout)
+        found: dict[str, Any] = json.loads(docker("inspect", container).stdout)[0]
+        return found
+
+    def exit_code(self, service: str) -> int:
+        return int(self.inspect(service)["State"]["ExitCode"])
+
+    def wait_until_serving(self) -> None:
+        url = f"http://127.0.0.1:{self.port}"
+        wait_for_ping(url, lambda: self("logs", "serve").stdout)
 
 
 @pytest.fixture
 def compose(image: str, tmp_path: Path) -> Iterator[Compose]:
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
+        **BUILD_ARGS,
         "COMPOSE_PROJECT_NAME": f"compose-test-{port}",
         "IMAGE": image,
         "OPT_ML": str(tmp_path / "opt_ml"),
@@ -59,7 +68,19 @@ def compose(image: str, tmp_path: Path) -> Iterator[Compose]:
     project("down", "--volumes")
 
 
-def test_up_trains_on_a_generated_sample_then_serves_it(compose: Compose) -> None:
+def test_the_image_is_built_once_for_all_three_services(compose: Compose, image: str) -> None:
+    """configure builds; train and serve run what it built. With the tests' build arguments the
+    build is all cache hits: the image is the one the other tests run."""
+    done = compose("build")
+    assert done.returncode == 0, done.stderr
+    built = [line for line in done.stderr.splitlines() if line.startswith("Building ")]
+    assert built == ["Building configure"], done.stderr
+    for name in ("train", "serve"):
+        assert f"{name} uses an image, skipping" in done.stderr
+    assert image_id(compose.env["IMAGE"]) == image_id(image)
+
+
+def test_up_trains_on_a_generated_sample_then_serves_it_read_only(compose: Compose) -> None:
     compose.env["HYPERPARAMETERS"] = json.dumps(DEMO)
     up = compose("up", "--detach", "--no-build")
     assert up.returncode == 0, up.stderr
@@ -71,9 +92,12 @@ def test_up_trains_on_a_generated_sample_then_serves_it(compose: Compose) -> Non
     assert "pretrained" in hyperparameters  # and the demo's defaults beside them
     metric_lines = [x for x in compose("logs", "train").stdout.splitlines() if x.endswith(";")]
     assert any("final best_epoch=" in line for line in metric_lines)
+    # serve sees the model alone and cannot write to it, as on SageMaker: it serves regardless.
+    mounts = [(m["Destination"], m["RW"]) for m in compose.inspect("serve")["Mounts"]]
+    assert mounts == [("/opt/ml/model", False)]
 
     with httpx.Client(base_url=f"http://127.0.0.1:{compose.port}", timeout=60) as client:
-        _wait_until_ready(client, compose)
+        compose.wait_until_serving()
         jpeg = next((compose.opt_ml / "input/data/test").rglob("*.jpg"))
         response = client.post(
             "/invocations", content=jpeg.read_bytes(), headers={"Content-Type": "image/jpeg"}
@@ -81,26 +105,13 @@ def test_up_trains_on_a_generated_sample_then_serves_it(compose: Compose) -> Non
         assert response.status_code == 200, response.text
         assert len(response.json()["predictions"]) == 4
 
-        stop = compose("stop", "serve")
-        assert stop.returncode == 0, stop.stderr
-        assert compose.exit_code("serve") == 0, compose("logs", "serve").stdout
+    stop = compose("stop", "serve")
+    assert stop.returncode == 0, stop.stderr
+    assert compose.exit_code("serve") == 0, compose("logs", "serve").stdout
 
-        again = compose("up", "--detach", "--no-deps", "serve")  # the trained model, no training
-        assert again.returncode == 0, again.stderr
-        _wait_until_ready(client, compose)
-
-
-def _wait_until_ready(client: httpx.Client, compose: Compose) -> None:
-    status = None
-    for _ in range(600):
-        try:
-            status = client.get("/ping").status_code
-        except httpx.TransportError:
-            status = None
-        if status == 200:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"/ping answered {status}:\n{compose('logs', 'serve').stdout}")
+    again = compose("up", "--detach", "--no-deps", "serve")  # the trained model, no training
+    assert again.returncode == 0, again.stderr
+    compose.wait_until_serving()
 
 
 def test_a_failed_training_stops_the_flow_before_serve(compose: Compose) -> None:

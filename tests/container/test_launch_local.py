@@ -22,7 +22,7 @@ import pytest
 from container.class_names import class_name
 from container.sagemaker_env import OptMl
 from tests.conftest import ROOT
-from tests.container.conftest import docker
+from tests.container.conftest import containers_of
 from tests.launch.conftest import one_line_error
 
 RunLaunch = Callable[..., subprocess.CompletedProcess[str]]
@@ -64,7 +64,7 @@ def run_launch(
         taken.bind(("0.0.0.0", 8080))
         taken.listen()
         yield launch
-    left = docker("ps", "--all", "--quiet", "--filter", f"ancestor={image}").stdout.split()
+    left = containers_of(image)
     assert not left, f"local mode left containers behind: {left}"
 
 

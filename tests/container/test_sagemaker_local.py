@@ -27,7 +27,7 @@ from sagemaker.predictor import Predictor
 from sagemaker.serializers import IdentitySerializer
 
 from tests.conftest import FAST
-from tests.container.conftest import docker
+from tests.container.conftest import containers_of, docker
 
 ROLE = "arn:aws:iam::111111111111:role/SageMakerRole"
 
@@ -66,7 +66,7 @@ def no_container_outlives_its_test(image: str) -> Iterator[None]:
     """Local mode leaves its containers behind: stopped ones, and after a failed deploy a running
     one that holds port 8080 (and keeps the SDK's docker-compose thread alive)."""
     yield
-    left = docker("ps", "--all", "--quiet", "--filter", f"ancestor={image}").stdout.split()
+    left = containers_of(image)
     if left:
         docker("rm", "--force", *left)
 
@@ -83,7 +83,7 @@ def model_data(
         instance_count=1,
         instance_type="local",
         output_path=f"file://{output}",
-        hyperparameters={**FAST, "image_size": 64, "epochs": 2, "lr": 0.02},
+        hyperparameters=FAST,
         sagemaker_session=session,
     )
     with sdk_leaks_pipes():
