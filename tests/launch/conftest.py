@@ -1,4 +1,7 @@
-"""`launch` as a user runs it: a real process, against moto_server (a real AWS API on 127.0.0.1).
+"""`launch` against moto_server (a real AWS API on 127.0.0.1), run in the test's own process:
+`launch.cli.main(argv)` with the environment, working folder, stdin, stdout and stderr a user's
+process would have (a process of its own costs seconds of SDK import; test_process.py runs the
+real one, `python -m launch`, and proves that what runs here is what a user gets).
 
 What SageMaker would receive is read back from moto with boto3 (describe_* of what was created).
 """
@@ -6,11 +9,16 @@ What SageMaker would receive is read back from moto with boto3 (describe_* of wh
 from __future__ import annotations
 
 import base64
+import contextlib
+import io
 import json
+import os
 import subprocess
 import sys
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +26,7 @@ import boto3
 import httpx
 import pytest
 
+from launch.cli import main
 from tests.conftest import ROOT
 from tests.serving.conftest import server  # noqa: F401 (a served model, shared)
 
@@ -25,25 +34,70 @@ ROLE = "arn:aws:iam::123456789012:role/SageMakerRole"
 IMAGE_URI = "123456789012.dkr.ecr.us-east-1.amazonaws.com/sagemaker-dog-classifier:test"
 
 
+@contextlib.contextmanager
+def _environment(env: Mapping[str, str]) -> Iterator[None]:
+    """os.environ is `env` and nothing else, as a process started with it would have it; restored
+    whole afterwards (including what the command set: SAGEMAKER_SUPPRESS_V2_WARNING)."""
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@contextlib.contextmanager
+def _stdin(text: str) -> Iterator[None]:
+    saved = sys.stdin
+    sys.stdin = io.StringIO(text)
+    try:
+        yield
+    finally:
+        sys.stdin = saved
+
+
 @dataclass
 class Launch:
-    """Runs `python -m launch` with an environment aimed at moto, in a working folder of its own."""
+    """Runs `launch` with an environment aimed at moto, in a working folder of its own."""
 
     env: dict[str, str]
     cwd: Path
     common: list[str] = field(default_factory=lambda: ["--role", ROLE, "--image-uri", IMAGE_URI])
 
     def __call__(
-        self, *args: str, env: Mapping[str, str] | None = None, timeout: float = 300
+        self, *args: str, env: Mapping[str, str] | None = None, stdin: str = ""
     ) -> subprocess.CompletedProcess[str]:
-        """`launch COMMAND ARGS... --role ROLE --image-uri URI`; its exit status is not checked."""
+        """`launch COMMAND ARGS... --role ROLE --image-uri URI` with `stdin` as its input; its exit
+        status (main's, or argparse's SystemExit) is not checked. An exception that main() lets
+        through fails the test with its traceback, as the process would have died of it."""
+        argv = [*args, *self.common]
+        stdout, stderr = io.StringIO(), io.StringIO()
+        with (
+            _environment({**self.env, **(env or {})}),
+            contextlib.chdir(self.cwd),
+            _stdin(stdin),
+            contextlib.redirect_stdout(stdout),
+            contextlib.redirect_stderr(stderr),
+        ):
+            try:
+                status = main(argv)
+            except SystemExit as exc:  # argparse: --help, or a usage error
+                status = int(exc.code or 0)
+        return subprocess.CompletedProcess(
+            ["launch", *argv], status, stdout.getvalue(), stderr.getvalue()
+        )
+
+    def process(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """The same command as a process of its own, `python -m launch`, as a user runs it."""
         return subprocess.run(
             [sys.executable, "-m", "launch", *args, *self.common],
             cwd=self.cwd,
-            env={**self.env, **(env or {})},
+            env={**self.env, "PYTHONPATH": str(ROOT)},
             capture_output=True,
             text=True,
-            timeout=timeout,
+            timeout=300,
             check=False,
         )
 
@@ -81,10 +135,9 @@ def launch(aws_env: dict[str, str], sagemaker_sdk_env: dict[str, str], tmp_path:
     from a folder of its own."""
     for reset in ("reset", "recorder/reset-recording"):
         httpx.post(f"{aws_env['AWS_ENDPOINT_URL']}/moto-api/{reset}").raise_for_status()
-    env = {**aws_env, **sagemaker_sdk_env, "PYTHONPATH": str(ROOT)}
     work = tmp_path / "work"
     work.mkdir()
-    return Launch(env, work)
+    return Launch({**aws_env, **sagemaker_sdk_env}, work)
 
 
 @pytest.fixture
@@ -101,3 +154,52 @@ def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
     (line,) = done.stderr.splitlines()
     assert line.startswith("launch: "), done.stderr
     return line
+
+
+class StandInHandler(BaseHTTPRequestHandler):
+    """The base of a stand-in for an AWS API in front of moto (what moto lacks, or a refusal
+    SageMaker would give): `post(body)` and `get()` to override, helpers to answer a request or
+    pass it on, and no log line per request."""
+
+    def do_GET(self) -> None:
+        self.get()
+
+    def do_POST(self) -> None:
+        self.post(self.rfile.read(int(self.headers["Content-Length"])))
+
+    def get(self) -> None:
+        self.send_error(501)  # what http.server answers a method its handler lacks
+
+    def post(self, body: bytes) -> None:
+        self.send_error(501)
+
+    def answer(self, status: int, content_type: str, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def forward(self, url: str, body: bytes) -> None:
+        """POST the request, headers and all, to the same path at `url` (moto); its answer."""
+        skip = {"host", "content-length"}
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
+        answer = httpx.post(url + self.path, content=body, headers=headers, timeout=30)
+        self.answer(answer.status_code, answer.headers["content-type"], answer.content)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def stand_in(handler: type[StandInHandler]) -> Iterator[str]:
+    """`handler` serving on a free port of 127.0.0.1, in a thread of this process; its URL."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_port}"
+    finally:
+        httpd.shutdown()
+        thread.join()
+        httpd.server_close()

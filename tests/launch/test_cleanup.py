@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 from tests.launch.conftest import Launch
-from tests.launch.test_hosting import artifact
-
-MODEL_DATA = "s3://artifacts/model.tar.gz"
+from tests.launch.test_hosting import deploy
 
 
 def _deploy(launch: Launch, *flags: str) -> None:
-    artifact(launch, MODEL_DATA)
-    launch.ok("deploy", "--model-data", MODEL_DATA, "--instance-type", "ml.c5.xlarge", *flags)
+    deploy(launch, "--instance-type", "ml.c5.xlarge", *flags)
 
 
 def _remaining(launch: Launch) -> dict[str, list[str]]:
@@ -34,19 +28,6 @@ def _remaining(launch: Launch) -> dict[str, list[str]]:
     }
 
 
-def _cleanup(launch: Launch, *flags: str, answer: str = "") -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "launch", "cleanup", *flags, *launch.common],
-        cwd=launch.cwd,
-        env=launch.env,
-        input=answer,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-
-
 def test_cleanup_lists_asks_and_deletes_only_what_deploy_made(launch: Launch) -> None:
     _deploy(launch, "--endpoint-name", "ep-scaled", "--autoscale", "1:3")
     _deploy(launch, "--endpoint-name", "ep-plain")
@@ -54,20 +35,20 @@ def test_cleanup_lists_asks_and_deletes_only_what_deploy_made(launch: Launch) ->
     before = _remaining(launch)
     assert len(before["models"]) == 3
 
-    dry = _cleanup(launch, "--dry-run")
+    dry = launch("cleanup", "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert "7 resource(s)" in dry.stdout  # 1 target + 2 endpoints + 2 configs + 2 models
     assert "scaling-target   endpoint/ep-scaled/variant/AllTraffic" in dry.stdout
     assert "ep-other" not in dry.stdout
     assert _remaining(launch) == before
 
-    declined = _cleanup(launch, answer="n\n")
+    declined = launch("cleanup", stdin="n\n")
     assert declined.returncode == 1
     assert "delete them? [y/N]" in declined.stdout
     assert "nothing deleted" in declined.stdout
     assert _remaining(launch) == before
 
-    done = _cleanup(launch, "--yes")
+    done = launch("cleanup", "--yes")
     assert done.returncode == 0, done.stderr
     deleted = [line for line in done.stdout.splitlines() if line.startswith("deleted ")]
     assert deleted[0] == "deleted scaling-target endpoint/ep-scaled/variant/AllTraffic"
@@ -87,7 +68,7 @@ def test_cleanup_lists_asks_and_deletes_only_what_deploy_made(launch: Launch) ->
 
 def test_cleanup_answering_yes_deletes(launch: Launch) -> None:
     _deploy(launch, "--endpoint-name", "ep-one")
-    done = _cleanup(launch, answer="y\n")
+    done = launch("cleanup", stdin="y\n")
     assert done.returncode == 0, done.stderr
     assert "deleted endpoint ep-one" in done.stdout
     assert _remaining(launch) == {"endpoints": [], "configs": [], "models": [], "targets": []}

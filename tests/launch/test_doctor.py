@@ -99,7 +99,7 @@ def table(stdout: str) -> dict[str, tuple[str, str]]:
 
 
 def doctor(launch: Launch, *args: str) -> tuple[int, dict[str, tuple[str, str]]]:
-    done = launch("doctor", "--bucket", BUCKET, *args, timeout=60)
+    done = launch("doctor", "--bucket", BUCKET, *args)
     assert "Traceback" not in done.stderr, done.stderr
     assert done.returncode in (0, 1), f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
     return done.returncode, table(done.stdout)

@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +13,8 @@ import httpx
 import pytest
 
 from container.sagemaker_env import OptMl
-from tests.launch.conftest import Launch, one_line_error
-from tests.launch.test_hosting import artifact
+from tests.launch.conftest import Launch, StandInHandler, one_line_error, stand_in
+from tests.launch.test_hosting import deploy
 from tests.serving.conftest import Server
 
 
@@ -70,36 +68,24 @@ def runtime(server: Server) -> Iterator[str]:
     passes through (Content-Type, Accept, X-Amzn-SageMaker-Custom-Attributes), as SageMaker does.
     """
 
-    class Forward(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
+    class Forward(StandInHandler):
+        def post(self, body: bytes) -> None:
             assert re.fullmatch(r"/endpoints/[^/]+/invocations", self.path), self.path
             passed = ("Content-Type", "Accept", "X-Amzn-SageMaker-Custom-Attributes")
             answer = httpx.post(
                 f"{server.url}/invocations",
-                content=self.rfile.read(int(self.headers["Content-Length"])),
+                content=body,
                 headers={k: self.headers[k] for k in passed if self.headers[k]},
                 timeout=60,
             )
-            self.send_response(answer.status_code)
-            self.send_header("Content-Type", answer.headers["content-type"])
-            self.send_header("Content-Length", str(len(answer.content)))
-            self.end_headers()
-            self.wfile.write(answer.content)
+            self.answer(answer.status_code, answer.headers["content-type"], answer.content)
 
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    proxy = ThreadingHTTPServer(("127.0.0.1", 0), Forward)
-    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{proxy.server_address[1]}"
-    proxy.shutdown()
-    thread.join()
-    proxy.server_close()
+    with stand_in(Forward) as url:
+        yield url
 
 
 def test_gallery_from_an_endpoint(launch: Launch, runtime: str, jpegs: Path) -> None:
-    launch.ok("deploy", "--model-data", artifact(launch), "--endpoint-name", "dogs-gpu")
+    deploy(launch, "--endpoint-name", "dogs-gpu")
     out = launch.cwd / "endpoint.html"
     done = launch(
         "explain",
@@ -117,18 +103,23 @@ def test_gallery_from_an_endpoint(launch: Launch, runtime: str, jpegs: Path) -> 
     assert len(re.findall(r"<tr><td>", page)) == 3 * 3  # the default --top-k 3
 
 
-def test_local_server_not_running_is_one_line(launch: Launch, tmp_path: Path) -> None:
-    folder = tmp_path / "one"
+def _folder(tmp_path: Path, *names: str) -> Path:
+    """A folder of files that start as a JPEG does (the commands below never decode them)."""
+    folder = tmp_path / "images"
     folder.mkdir()
-    (folder / "a.jpg").write_bytes(b"\xff\xd8\xff")
+    for name in names:
+        (folder / name).write_bytes(b"\xff\xd8\xff")
+    return folder
+
+
+def test_local_server_not_running_is_one_line(launch: Launch, tmp_path: Path) -> None:
+    folder = _folder(tmp_path, "a.jpg")
     done = launch("explain", str(folder), "--url", "http://127.0.0.1:9")
     assert "cannot reach http://127.0.0.1:9" in one_line_error(done)
 
 
 def test_unknown_endpoint_is_one_line(launch: Launch, tmp_path: Path) -> None:
-    folder = tmp_path / "one"
-    folder.mkdir()
-    (folder / "a.jpg").write_bytes(b"\xff\xd8\xff")
+    folder = _folder(tmp_path, "a.jpg")
     done = launch("explain", str(folder), "--endpoint", "no-such-endpoint")
     assert one_line_error(done) == (
         "launch: no endpoint 'no-such-endpoint' in us-east-1: launch deploy prints its name"
@@ -137,13 +128,10 @@ def test_unknown_endpoint_is_one_line(launch: Launch, tmp_path: Path) -> None:
 
 
 def test_clarify_job_request(launch: Launch, tmp_path: Path) -> None:
-    launch.ok("deploy", "--model-data", artifact(launch), "--no-wait", "--prefix", "dogs")
+    deploy(launch, "--no-wait", "--prefix", "dogs")
     sagemaker = launch.client("sagemaker")
     (model,) = sagemaker.list_models()["Models"]
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for image in ("a.jpg", "b.jpg"):
-        (folder / image).write_bytes(b"\xff\xd8\xff")
+    folder = _folder(tmp_path, "a.jpg", "b.jpg")
     done = launch.ok(
         "explain",
         str(folder),
@@ -190,8 +178,7 @@ def test_clarify_job_request(launch: Launch, tmp_path: Path) -> None:
 
 
 def test_clarify_unknown_model_is_one_line(launch: Launch, tmp_path: Path) -> None:
-    (tmp_path / "a.jpg").write_bytes(b"\xff\xd8\xff")
-    done = launch("explain", str(tmp_path), "--clarify", "no-such-model")
+    done = launch("explain", str(_folder(tmp_path, "a.jpg")), "--clarify", "no-such-model")
     assert one_line_error(done) == (
         "launch: no model 'no-such-model' in us-east-1: launch deploy prints its name"
     )

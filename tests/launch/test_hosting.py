@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 from typing import Any
 
 from tests.launch.conftest import IMAGE_URI, ROLE, Launch, one_line_error
@@ -10,13 +11,18 @@ from tests.launch.conftest import IMAGE_URI, ROLE, Launch, one_line_error
 MODEL_DATA = "s3://artifacts/dog-classifier/train-1/output/model.tar.gz"
 
 
-def artifact(launch: Launch, uri: str = MODEL_DATA) -> str:
-    """A model.tar.gz in moto's S3 (deploy looks for it before creating anything)."""
-    bucket, _, key = uri.removeprefix("s3://").partition("/")
+def artifact(launch: Launch) -> str:
+    """A model.tar.gz in moto's S3 at MODEL_DATA (deploy looks for it before creating anything)."""
+    bucket, _, key = MODEL_DATA.removeprefix("s3://").partition("/")
     s3 = launch.client("s3")
     s3.create_bucket(Bucket=bucket)
     s3.put_object(Bucket=bucket, Key=key, Body=b"not really a tarball")
-    return uri
+    return MODEL_DATA
+
+
+def deploy(launch: Launch, *flags: str) -> subprocess.CompletedProcess[str]:
+    """`launch deploy --model-data MODEL_DATA FLAGS...` with the artifact there; it succeeds."""
+    return launch.ok("deploy", "--model-data", artifact(launch), *flags)
 
 
 def _endpoint(stdout: str) -> str:
@@ -30,28 +36,12 @@ def _tags(sagemaker: Any, arn: str) -> dict[str, str]:
 
 
 def test_deploy_gpu_endpoint_with_autoscaling(launch: Launch) -> None:
-    artifact(launch)
-    done = launch.ok(
-        "deploy",
-        "--model-data",
-        MODEL_DATA,
-        "--instance-count",
-        "2",
-        "--health-check-timeout",
-        "900",
-        "--inference-ami-version",
-        "al2-ami-sagemaker-inference-gpu-2",
-        "--env",
-        "SAGEMAKER_MODEL_SERVER_WORKERS=1",
-        "--env",
-        "SERVE_MAX_BATCH_SIZE=16",
-        "--autoscale",
-        "2:6",
-        "--target-invocations",
-        "250",
-        "--prefix",
-        "dogs",
-    )
+    done = deploy(
+        launch, "--instance-count", "2", "--health-check-timeout", "900",
+        "--inference-ami-version", "al2-ami-sagemaker-inference-gpu-2",
+        "--env", "SAGEMAKER_MODEL_SERVER_WORKERS=1", "--env", "SERVE_MAX_BATCH_SIZE=16",
+        "--autoscale", "2:6", "--target-invocations", "250", "--prefix", "dogs",
+    )  # fmt: skip
     endpoint = _endpoint(done.stdout)
     assert endpoint.startswith("dogs-endpoint-")
     assert f"#/endpoints/{endpoint}" in done.stdout
@@ -100,8 +90,7 @@ def test_deploy_gpu_endpoint_with_autoscaling(launch: Launch) -> None:
 
 
 def test_a_gpu_type_gets_the_ami_the_image_needs_and_serves_on_cuda(launch: Launch) -> None:
-    artifact(launch)
-    done = launch.ok("deploy", "--model-data", MODEL_DATA, "--endpoint-name", "dogs", "--no-wait")
+    done = deploy(launch, "--endpoint-name", "dogs", "--no-wait")
 
     # moto's ECR has no such image and this machine's docker engine neither: the default.
     assert (
@@ -126,19 +115,10 @@ def test_a_gpu_type_gets_the_ami_the_image_needs_and_serves_on_cuda(launch: Laun
 
 
 def test_a_user_serve_device_and_image_cuda_are_kept(launch: Launch) -> None:
-    artifact(launch)
-    done = launch.ok(
-        "deploy",
-        "--model-data",
-        MODEL_DATA,
-        "--instance-type",
-        "ml.p3.2xlarge",
-        "--image-cuda",
-        "13.0",
-        "--env",
-        "SERVE_DEVICE=auto",
-        "--no-wait",
-    )
+    done = deploy(
+        launch, "--instance-type", "ml.p3.2xlarge", "--image-cuda", "13.0",
+        "--env", "SERVE_DEVICE=auto", "--no-wait",
+    )  # fmt: skip
     assert "label" not in done.stderr  # --image-cuda: nothing to read
     assert launch.sent("AmazonEC2ContainerRegistry_V20150921.BatchGetImage") == []
     assert (
@@ -155,10 +135,7 @@ def test_a_user_serve_device_and_image_cuda_are_kept(launch: Launch) -> None:
 
 
 def test_a_cpu_type_gets_no_ami_and_no_device(launch: Launch) -> None:
-    artifact(launch)
-    done = launch.ok(
-        "deploy", "--model-data", MODEL_DATA, "--instance-type", "ml.c5.xlarge", "--no-wait"
-    )
+    done = deploy(launch, "--instance-type", "ml.c5.xlarge", "--no-wait")
     assert "AmiVersion" not in done.stdout
     assert "label" not in done.stderr
     assert launch.sent("AmazonEC2ContainerRegistry_V20150921.BatchGetImage") == []
@@ -191,20 +168,10 @@ def test_an_ami_that_cannot_run_the_image_is_refused(launch: Launch) -> None:
 
 
 def test_deploy_serverless_without_waiting(launch: Launch) -> None:
-    artifact(launch)
-    done = launch.ok(
-        "deploy",
-        "--model-data",
-        MODEL_DATA,
-        "--serverless",
-        "--memory-size",
-        "4096",
-        "--max-concurrency",
-        "3",
-        "--endpoint-name",
-        "dogs-cpu",
-        "--no-wait",
-    )
+    done = deploy(
+        launch, "--serverless", "--memory-size", "4096", "--max-concurrency", "3",
+        "--endpoint-name", "dogs-cpu", "--no-wait",
+    )  # fmt: skip
     assert _endpoint(done.stdout) == "dogs-cpu"
     sagemaker = launch.client("sagemaker")
     config = sagemaker.describe_endpoint_config(EndpointConfigName="dogs-cpu")

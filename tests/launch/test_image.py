@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import boto3
-import httpx
 import pytest
 
 from launch.image import Label, read_label
-from tests.launch.conftest import ROLE, Launch, one_line_error
-from tests.launch.test_hosting import MODEL_DATA, artifact
+from tests.launch.conftest import ROLE, Launch, StandInHandler, one_line_error, stand_in
+from tests.launch.test_hosting import MODEL_DATA, deploy
 
 LABEL = "sagemaker-dog-classifier.cuda"
 REGISTRY = "123456789012.dkr.ecr.us-east-1.amazonaws.com"
@@ -33,9 +30,8 @@ TARGET = "AmazonEC2ContainerRegistry_V20150921."
 
 @dataclass
 class Ecr:
-    """moto's ECR behind the stand-in: its URL, the config blobs it serves and a boto3 client."""
+    """moto's ECR behind the stand-in: the config blobs the stand-in serves, a boto3 client."""
 
-    url: str
     blobs: dict[str, bytes]
     client: Any
 
@@ -96,46 +92,22 @@ def ecr(launch: Launch) -> Iterator[Ecr]:
     moto = launch.env["AWS_ENDPOINT_URL"]
     blobs: dict[str, bytes] = {}
 
-    class StandIn(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = blobs[self.path.removeprefix("/blobs/")]
-            self._answer(200, "application/octet-stream", body)
+    class EcrStandIn(StandInHandler):
+        def get(self) -> None:
+            self.answer(200, "application/octet-stream", blobs[self.path.removeprefix("/blobs/")])
 
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            target = self.headers["X-Amz-Target"]
-            if target == TARGET + "GetDownloadUrlForLayer":
-                digest = json.loads(body)["layerDigest"]
-                url = f"http://127.0.0.1:{self.server.server_address[1]}/blobs/{digest}"
-                answer = json.dumps({"downloadUrl": url, "layerDigest": digest}).encode()
-                self._answer(200, "application/x-amz-json-1.1", answer)
+        def post(self, body: bytes) -> None:
+            if self.headers["X-Amz-Target"] != TARGET + "GetDownloadUrlForLayer":
+                self.forward(moto, body)
                 return
-            skip = {"host", "content-length"}
-            headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
-            forwarded = httpx.post(moto + self.path, content=body, headers=headers, timeout=30)
-            self._answer(
-                forwarded.status_code, forwarded.headers["content-type"], forwarded.content
-            )
+            digest = json.loads(body)["layerDigest"]
+            url = f"http://{self.headers['Host']}/blobs/{digest}"  # this stand-in's own
+            answer = json.dumps({"downloadUrl": url, "layerDigest": digest}).encode()
+            self.answer(200, "application/x-amz-json-1.1", answer)
 
-        def _answer(self, status: int, content_type: str, body: bytes) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), StandIn)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
-    launch.env["AWS_ENDPOINT_URL_ECR"] = url
-    yield Ecr(url, blobs, launch.client("ecr"))
-    server.shutdown()
-    thread.join()
-    server.server_close()
+    with stand_in(EcrStandIn) as url:
+        launch.env["AWS_ENDPOINT_URL_ECR"] = url
+        yield Ecr(blobs, launch.client("ecr"))
 
 
 @pytest.fixture
@@ -203,10 +175,9 @@ def test_without_the_stand_in_moto_cannot_give_the_config(
 
 
 def test_deploy_picks_the_ami_for_the_cuda_in_the_label(launch: Launch, ecr: Ecr) -> None:
-    artifact(launch)
     launch.common = ["--role", ROLE, "--image-uri", ecr.push("dogs", {LABEL: "13.0"})]
 
-    done = launch.ok("deploy", "--model-data", MODEL_DATA, "--no-wait")
+    done = deploy(launch, "--no-wait")
 
     assert done.stdout.startswith(
         "image built for CUDA 13.0 (its label in ECR)\n"
@@ -223,10 +194,9 @@ def test_deploy_picks_the_ami_for_the_cuda_in_the_label(launch: Launch, ecr: Ecr
 
 
 def test_a_cpu_build_gets_no_ami_and_no_device_on_a_gpu_type(launch: Launch, ecr: Ecr) -> None:
-    artifact(launch)
     launch.common = ["--role", ROLE, "--image-uri", ecr.push("dogs-cpu", {LABEL: "cpu"})]
 
-    done = launch.ok("deploy", "--model-data", MODEL_DATA, "--no-wait")
+    done = deploy(launch, "--no-wait")
 
     assert (
         "the image is a CPU build: ml.g4dn.xlarge's T4 would sit idle; use a CPU instance type "
@@ -239,11 +209,10 @@ def test_a_cpu_build_gets_no_ami_and_no_device_on_a_gpu_type(launch: Launch, ecr
 
 
 def test_serverless_warns_about_a_cuda_build_by_its_label(launch: Launch, ecr: Ecr) -> None:
-    artifact(launch)
     image = ecr.push("dogs-cpu-named", {LABEL: "12.6"})  # "cpu" in the name, CUDA in the label
     launch.common = ["--role", ROLE, "--image-uri", image]
 
-    done = launch.ok("deploy", "--model-data", MODEL_DATA, "--serverless", "--no-wait")
+    done = deploy(launch, "--serverless", "--no-wait")
 
     assert "serverless has no GPU: deploy the CPU build of the image" in done.stderr
     assert f"{image} is built for CUDA 12.6" in done.stderr

@@ -8,10 +8,13 @@ import subprocess
 import sys
 import tarfile
 
+import pytest
+
 from launch.report import DebugAnalysis, findings
 from launch.tensor_rules import RULES
-from tests.conftest import FAST, ROOT, Job
+from tests.conftest import FAST, Job
 from tests.launch.conftest import Launch, one_line_error
+from tests.launch.test_training import training_job
 
 BUCKET = "report-bucket"
 
@@ -19,7 +22,7 @@ BUCKET = "report-bucket"
 def _train_job(launch: Launch, *flags: str) -> str:
     launch.client("s3").create_bucket(Bucket=BUCKET)
     done = launch.ok("train", "--bucket", BUCKET, "--no-wait", *flags)
-    return done.stdout.splitlines()[0].removeprefix("training job ")
+    return training_job(done.stdout)
 
 
 def _upload_output(launch: Launch, job: Job, name: str) -> None:
@@ -33,7 +36,7 @@ def _upload_output(launch: Launch, job: Job, name: str) -> None:
 
 
 def test_report_of_a_job_without_debugger_shows_its_own_verdicts_and_tensors(
-    launch: Launch, job: Job
+    launch: Launch, job: Job, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A real `train` run with save_tensors=true, as `launch train --debugger auto` starts it when
     SageMaker refuses Debugger: its output.tar.gz holds its reports, its own rule verdicts and
@@ -102,9 +105,11 @@ def test_report_of_a_job_without_debugger_shows_its_own_verdicts_and_tensors(
     (shadow / "__init__.py").write_text(
         "raise ModuleNotFoundError(\"No module named 'smdebug'\", name='smdebug')\n"
     )
-    bare = launch(
-        "report", name, "--out", "bare.html", env={"PYTHONPATH": f"{shadow.parent}:{ROOT}"}
-    )
+    # What PYTHONPATH would do for a process of its own: this process has smdebug imported.
+    for module in [m for m in sys.modules if m.partition(".")[0] == "smdebug"]:
+        monkeypatch.delitem(sys.modules, module)
+    monkeypatch.syspath_prepend(shadow.parent)
+    bare = launch("report", name, "--out", "bare.html")
     assert bare.returncode == 0, bare.stderr
     (line,) = [x for x in bare.stdout.splitlines() if "smdebug" in x]
     assert line == (

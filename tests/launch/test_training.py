@@ -5,22 +5,21 @@ moto that refuses it)."""
 from __future__ import annotations
 
 import json
-import threading
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from container.training.metrics import METRIC_DEFINITIONS
 from launch.errors import explain, job_ended
-from tests.launch.conftest import Launch, one_line_error
+from tests.launch.conftest import Launch, StandInHandler, one_line_error, stand_in
 
 
-def _name(stdout: str) -> str:
+def training_job(stdout: str) -> str:
+    """The name of the job `launch train` started: its first line is `training job NAME`."""
     return stdout.splitlines()[0].removeprefix("training job ")
 
 
@@ -34,7 +33,7 @@ def test_train_sends_debugger_rules_profiler_spot_and_fastfile(
         "--set", "optimizer=adamw", "--spot", "--max-run", "3600", "--max-wait", "7200",
         "--instance-count", "2", "--save-interval", "5", "--profiler-interval", "1000",
     )  # fmt: skip
-    name = _name(done.stdout)
+    name = training_job(done.stdout)
     assert name.startswith("dog-classifier-train-")
     assert f"#/jobs/{name}" in done.stdout
     job = launch.client("sagemaker").describe_training_job(TrainingJobName=name)
@@ -92,7 +91,7 @@ def test_train_sends_debugger_rules_profiler_spot_and_fastfile(
 def test_train_waits_then_prints_model_and_final_metrics(launch: Launch, bucket: str) -> None:
     """moto completes a job at once, with one made-up final metric."""
     done = launch.ok("train", "--bucket", bucket, "--no-logs", "--debugger", "off")
-    name = _name(done.stdout)
+    name = training_job(done.stdout)
     model = f"s3://{bucket}/dog-classifier/output/{name}/output/model.tar.gz"
     assert f"model: {model}" in done.stdout
     assert "train:progress = 100" in done.stdout
@@ -108,7 +107,9 @@ def test_checkpoints_without_spot(launch: Launch, bucket: str) -> None:
         "train", "--bucket", bucket, "--no-wait", "--checkpoint-s3-uri", f"s3://{bucket}/ck",
         "--input-mode", "File",
     )  # fmt: skip
-    job = launch.client("sagemaker").describe_training_job(TrainingJobName=_name(done.stdout))
+    job = launch.client("sagemaker").describe_training_job(
+        TrainingJobName=training_job(done.stdout)
+    )
     assert job["CheckpointConfig"]["S3Uri"] == f"s3://{bucket}/ck"
     assert job["AlgorithmSpecification"]["TrainingInputMode"] == "File"
 
@@ -161,48 +162,39 @@ aws/sagemaker-python-sdk#2134), with the docs' own sentence."""
 class RefusingSageMaker:
     """A stand-in for the SageMaker API in front of moto_server: CreateTrainingJob requests that
     carry DebugHookConfig get SageMaker's JSON ValidationException (and are kept in `refused`),
-    every other request goes on to moto. Aimed at with AWS_ENDPOINT_URL_SAGEMAKER, so S3 and the
-    rest still reach moto directly."""
+    every other request goes on to moto. `launch` is aimed at it with AWS_ENDPOINT_URL_SAGEMAKER,
+    so S3 and the rest still reach moto directly."""
 
-    url: str
     refused: list[dict[str, Any]] = field(default_factory=list)
 
 
 @pytest.fixture
-def refusing(moto_server: str) -> Iterator[RefusingSageMaker]:
-    class Refuse(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # the SageMaker API is JSON over POST
-            body = self.rfile.read(int(self.headers["Content-Length"]))
+def refusing(launch: Launch) -> Iterator[RefusingSageMaker]:
+    moto = launch.env["AWS_ENDPOINT_URL"]
+    refusals = RefusingSageMaker()
+
+    class Refuse(StandInHandler):
+        def post(self, body: bytes) -> None:  # the SageMaker API is JSON over POST
             target = self.headers["X-Amz-Target"]
             if target == "SageMaker.CreateTrainingJob" and "DebugHookConfig" in json.loads(body):
-                stand_in.refused.append(json.loads(body))
-                status = 400
-                content_type = "application/x-amz-json-1.1"
-                content = json.dumps({"__type": "ValidationException", "message": REFUSAL})
-                answer = content.encode()
+                refusals.refused.append(json.loads(body))
+                refusal = {"__type": "ValidationException", "message": REFUSAL}
+                self.answer(400, "application/x-amz-json-1.1", json.dumps(refusal).encode())
             else:
-                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
-                forwarded = httpx.post(moto_server + self.path, headers=headers, content=body)
-                status = forwarded.status_code
-                content_type = forwarded.headers["content-type"]
-                answer = forwarded.content
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(answer)))
-            self.end_headers()
-            self.wfile.write(answer)
+                self.forward(moto, body)
 
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
+    with stand_in(Refuse) as url:
+        launch.env["AWS_ENDPOINT_URL_SAGEMAKER"] = url
+        yield refusals
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
-    stand_in = RefusingSageMaker(f"http://127.0.0.1:{server.server_address[1]}")
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield stand_in
-    server.shutdown()
-    thread.join()
-    server.server_close()
+
+def _train(launch: Launch, bucket: str, *flags: str) -> subprocess.CompletedProcess[str]:
+    """`launch train --bucket BUCKET --no-wait FLAGS...`: never a traceback, nor the SDK's pointer
+    to its troubleshooting guide (the retry line or the error says more)."""
+    done = launch("train", "--bucket", bucket, "--no-wait", *flags)
+    assert "Traceback" not in done.stderr
+    assert "troubleshooting guide" not in done.stderr
+    return done
 
 
 RETRY = (
@@ -214,15 +206,10 @@ RETRY = (
 def test_auto_starts_the_job_again_without_debugger_when_refused(
     launch: Launch, bucket: str, refusing: RefusingSageMaker
 ) -> None:
-    done = launch(
-        "train", "--bucket", bucket, "--no-wait", "--set", "epochs=2",
-        env={"AWS_ENDPOINT_URL_SAGEMAKER": refusing.url},
-    )  # fmt: skip
+    done = _train(launch, bucket, "--set", "epochs=2")
     assert done.returncode == 0, done.stderr
-    name = _name(done.stdout)
+    name = training_job(done.stdout)
     assert RETRY.format(name) in done.stdout.splitlines()
-    assert "Traceback" not in done.stderr
-    assert "troubleshooting guide" not in done.stderr  # the SDK's; the retry line says more
     (first,) = refusing.refused
     assert first["TrainingJobName"] == name
     assert {"DebugHookConfig", "DebugRuleConfigurations"} <= set(first)
@@ -242,13 +229,8 @@ def test_auto_starts_the_job_again_without_debugger_when_refused(
 def test_service_fails_in_one_line_when_refused(
     launch: Launch, bucket: str, refusing: RefusingSageMaker
 ) -> None:
-    done = launch(
-        "train", "--bucket", bucket, "--no-wait", "--debugger", "service",
-        env={"AWS_ENDPOINT_URL_SAGEMAKER": refusing.url},
-    )  # fmt: skip
+    done = _train(launch, bucket, "--debugger", "service")
     assert done.returncode == 1, done.stderr
-    assert "Traceback" not in done.stderr
-    assert "troubleshooting guide" not in done.stderr
     # Above it, the SDK's own progress lines (INFO), as for every job launch starts.
     assert done.stderr.splitlines()[-1] == (
         f"launch: --debugger service: CreateTrainingJob refused Debugger (ValidationException: "
@@ -264,10 +246,7 @@ def test_off_sends_no_debugger_and_no_tensor_recording(
     launch: Launch, bucket: str, refusing: RefusingSageMaker, flag: tuple[str, ...]
 ) -> None:
     """`--no-debugger`, the flag's old name, is kept as a hidden alias of `--debugger off`."""
-    done = launch(
-        "train", "--bucket", bucket, "--no-wait", *flag,
-        env={"AWS_ENDPOINT_URL_SAGEMAKER": refusing.url},
-    )  # fmt: skip
+    done = _train(launch, bucket, *flag)
     assert done.returncode == 0, done.stderr
     assert "refused" not in done.stdout
     assert refusing.refused == []

@@ -6,9 +6,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
 
-import boto3
 import pytest
 
 from container.class_names import class_name
@@ -16,15 +14,7 @@ from tests.launch.conftest import IMAGE_URI, ROLE, Launch, one_line_error
 from tests.serving.conftest import Server
 
 BUCKET = "dog-batch"
-
-
-def _sagemaker(launch: Launch) -> Any:
-    env = launch.env
-    return boto3.Session(
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        region_name="us-east-1",
-    ).client("sagemaker", endpoint_url=env["AWS_ENDPOINT_URL"])
+MODEL_DATA = f"s3://{BUCKET}/dog-classifier/model/model.tar.gz"
 
 
 def _job(stdout: str) -> str:
@@ -34,10 +24,9 @@ def _job(stdout: str) -> str:
 
 
 def test_the_job_is_one_jpeg_per_request(launch: Launch) -> None:
-    model_data = f"s3://{BUCKET}/dog-classifier/model/model.tar.gz"
     done = launch.ok(
         "transform",
-        "--model-data", model_data,
+        "--model-data", MODEL_DATA,
         "--input", f"s3://{BUCKET}/dog-classifier/data/test/",
         "--instance-type", "ml.g4dn.xlarge",
         "--max-concurrent-transforms", "4",
@@ -45,7 +34,7 @@ def test_the_job_is_one_jpeg_per_request(launch: Launch) -> None:
         "--no-wait",
         "--bucket", BUCKET,
     )  # fmt: skip
-    sagemaker = _sagemaker(launch)
+    sagemaker = launch.client("sagemaker")
     job = sagemaker.describe_transform_job(TransformJobName=_job(done.stdout))
     source = job["TransformInput"]["DataSource"]["S3DataSource"]
     assert source == {"S3DataType": "S3Prefix", "S3Uri": f"s3://{BUCKET}/dog-classifier/data/test/"}
@@ -66,16 +55,15 @@ def test_the_job_is_one_jpeg_per_request(launch: Launch) -> None:
     assert job["ModelClientConfig"]["InvocationsTimeoutInSeconds"] == 600
     model = sagemaker.describe_model(ModelName=job["ModelName"])
     assert model["PrimaryContainer"]["Image"] == IMAGE_URI
-    assert model["PrimaryContainer"]["ModelDataUrl"] == model_data
+    assert model["PrimaryContainer"]["ModelDataUrl"] == MODEL_DATA
     assert model["ExecutionRoleArn"] == ROLE
     assert f"launch transform --fetch-only {job['TransformJobName']}" in done.stdout
 
 
 def test_a_gpu_type_gets_the_batch_ami_the_image_needs_and_serves_on_cuda(launch: Launch) -> None:
-    model_data = f"s3://{BUCKET}/dog-classifier/model/model.tar.gz"
     done = launch.ok(
         "transform",
-        "--model-data", model_data,
+        "--model-data", MODEL_DATA,
         "--instance-type", "ml.g4dn.xlarge",
         "--no-wait",
         "--bucket", BUCKET,
@@ -98,8 +86,7 @@ def test_a_gpu_type_gets_the_batch_ami_the_image_needs_and_serves_on_cuda(launch
 
 
 def test_a_cpu_type_gets_no_ami_and_no_device(launch: Launch) -> None:
-    model_data = f"s3://{BUCKET}/dog-classifier/model/model.tar.gz"
-    done = launch.ok("transform", "--model-data", model_data, "--no-wait", "--bucket", BUCKET)
+    done = launch.ok("transform", "--model-data", MODEL_DATA, "--no-wait", "--bucket", BUCKET)
     assert "AmiVersion" not in done.stdout
     assert "label" not in done.stderr
     (request,) = launch.sent("SageMaker.CreateTransformJob")
@@ -109,7 +96,6 @@ def test_a_cpu_type_gets_no_ami_and_no_device(launch: Launch) -> None:
 
 
 def test_an_ami_that_cannot_run_the_image_is_refused(launch: Launch) -> None:
-    model_data = f"s3://{BUCKET}/dog-classifier/model/model.tar.gz"
     gpu = ("--instance-type", "ml.g4dn.xlarge")
     cases = {
         (*gpu, "--image-cuda", "13.0"): (
@@ -135,9 +121,9 @@ def test_an_ami_that_cannot_run_the_image_is_refused(launch: Launch) -> None:
         ),
     }
     for flags, message in cases.items():
-        done = launch("transform", "--model-data", model_data, "--no-wait", *flags)
+        done = launch("transform", "--model-data", MODEL_DATA, "--no-wait", *flags)
         assert one_line_error(done) == message
-    sagemaker = _sagemaker(launch)
+    sagemaker = launch.client("sagemaker")
     assert sagemaker.list_models()["Models"] == []
     assert sagemaker.list_transform_jobs()["TransformJobSummaries"] == []
 

@@ -12,6 +12,7 @@ import pytest
 from container.training.metrics import METRIC_DEFINITIONS
 from launch.tuning import best_hyperparameters, format_leaderboard, leaderboard
 from tests.launch.conftest import Launch, one_line_error
+from tests.launch.test_training import training_job
 
 
 def _name(stdout: str) -> str:
@@ -242,6 +243,7 @@ def test_train_accepts_the_best_json(launch: Launch, bucket: str, tmp_path: Path
     path = tmp_path / "best.json"
     path.write_text(json.dumps(best))
     done = launch.ok("train", "--bucket", bucket, "--no-wait", "--hyperparameters", str(path))
-    name = done.stdout.splitlines()[0].removeprefix("training job ")
-    job = launch.client("sagemaker").describe_training_job(TrainingJobName=name)
+    job = launch.client("sagemaker").describe_training_job(
+        TrainingJobName=training_job(done.stdout)
+    )
     assert job["HyperParameters"] == best
