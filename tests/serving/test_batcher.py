@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -31,29 +31,34 @@ class Model:
         return [2 * i for i in items]
 
 
-async def _with_batcher(
-    model: Model, max_batch_size: int, delay_s: float = 0.0
-) -> Batcher[int, int]:
-    batcher: Batcher[int, int] = Batcher(model, ThreadPoolExecutor(1), max_batch_size, delay_s)
-    batcher.start()
-    return batcher
+Scenario = Callable[[Model, Batcher[int, int]], Awaitable[None]]
+
+
+def _run(scenario: Scenario, max_batch_size: int, delay_s: float = 0.0) -> None:
+    """Run `scenario` with a new Model behind a started batcher, stopped afterwards."""
+
+    async def main() -> None:
+        model = Model()
+        batcher = Batcher(model, ThreadPoolExecutor(1), max_batch_size, delay_s)
+        batcher.start()
+        try:
+            await scenario(model, batcher)
+        finally:
+            await batcher.stop()
+
+    asyncio.run(main())
 
 
 def test_a_lone_request_runs_at_once() -> None:
-    async def scenario() -> None:
-        model = Model()
-        batcher = await _with_batcher(model, max_batch_size=8)
+    async def scenario(model: Model, batcher: Batcher[int, int]) -> None:
         result = await batcher.submit(21)
         assert (result.value, result.batch_size) == (42, 1)
-        await batcher.stop()
 
-    asyncio.run(scenario())
+    _run(scenario, max_batch_size=8)
 
 
 def test_requests_waiting_for_a_busy_model_share_the_next_pass() -> None:
-    async def scenario() -> None:
-        model = Model()
-        batcher = await _with_batcher(model, max_batch_size=4)
+    async def scenario(model: Model, batcher: Batcher[int, int]) -> None:
         model.gate.clear()  # the model is busy...
         first = asyncio.ensure_future(batcher.submit(0))
         await asyncio.sleep(0.05)
@@ -64,29 +69,23 @@ def test_requests_waiting_for_a_busy_model_share_the_next_pass() -> None:
         assert [r.value for r in results] == [2 * i for i in range(10)]  # each its own answer
         assert model.batches == [[0], [1, 2, 3, 4], [5, 6, 7, 8], [9]]  # at most 4 a pass
         assert all(r.queue_s >= 0 and r.model_s >= 0 for r in results)
-        await batcher.stop()
 
-    asyncio.run(scenario())
+    _run(scenario, max_batch_size=4)
 
 
 def test_max_delay_lets_a_batch_fill() -> None:
-    async def scenario() -> None:
-        model = Model()
-        batcher = await _with_batcher(model, max_batch_size=8, delay_s=0.2)
+    async def scenario(model: Model, batcher: Batcher[int, int]) -> None:
         first = asyncio.ensure_future(batcher.submit(1))
         await asyncio.sleep(0.05)
         second = asyncio.ensure_future(batcher.submit(2))
         await asyncio.gather(first, second)
         assert model.batches == [[1, 2]]
-        await batcher.stop()
 
-    asyncio.run(scenario())
+    _run(scenario, max_batch_size=8, delay_s=0.2)
 
 
 def test_a_failing_item_fails_alone() -> None:
-    async def scenario() -> None:
-        model = Model()
-        batcher = await _with_batcher(model, max_batch_size=8)
+    async def scenario(model: Model, batcher: Batcher[int, int]) -> None:
         model.gate.clear()
         futures = [asyncio.ensure_future(batcher.submit(i)) for i in (1, -1, 3)]
         await asyncio.sleep(0.05)
@@ -95,9 +94,8 @@ def test_a_failing_item_fails_alone() -> None:
         assert outcomes[0].value == 2  # type: ignore[union-attr]
         assert isinstance(outcomes[1], ValueError)
         assert outcomes[2].value == 6  # type: ignore[union-attr]
-        await batcher.stop()
 
-    asyncio.run(scenario())
+    _run(scenario, max_batch_size=8)
 
 
 def test_a_wrong_number_of_outputs_is_an_error_not_a_mix_up() -> None:
@@ -115,9 +113,7 @@ def test_a_wrong_number_of_outputs_is_an_error_not_a_mix_up() -> None:
 
 
 def test_cancelled_requests_are_not_computed() -> None:
-    async def scenario() -> None:
-        model = Model()
-        batcher = await _with_batcher(model, max_batch_size=8)
+    async def scenario(model: Model, batcher: Batcher[int, int]) -> None:
         model.gate.clear()
         busy = asyncio.ensure_future(batcher.submit(1))
         await asyncio.sleep(0.05)
@@ -128,9 +124,8 @@ def test_cancelled_requests_are_not_computed() -> None:
         model.gate.set()
         await asyncio.gather(busy, kept)
         assert model.batches == [[1], [3]]
-        await batcher.stop()
 
-    asyncio.run(scenario())
+    _run(scenario, max_batch_size=8)
 
 
 def test_stop_fails_what_is_still_queued() -> None:
@@ -151,9 +146,7 @@ def test_stop_fails_what_is_still_queued() -> None:
 
 
 def test_health_reports_a_stalled_batch_and_a_stalled_queue() -> None:
-    async def scenario() -> None:
-        model = Model()
-        batcher = await _with_batcher(model, max_batch_size=1)
+    async def scenario(model: Model, batcher: Batcher[int, int]) -> None:
         assert batcher.health(stall_s=0.1) is None
         model.gate.clear()  # the model hangs on the first item; the second waits in the queue
         futures = [asyncio.ensure_future(batcher.submit(i)) for i in (1, 2)]
@@ -164,15 +157,12 @@ def test_health_reports_a_stalled_batch_and_a_stalled_queue() -> None:
         model.gate.set()
         await asyncio.gather(*futures)
         assert batcher.health(stall_s=0.1) is None
-        await batcher.stop()
 
-    asyncio.run(scenario())
+    _run(scenario, max_batch_size=1)
 
 
 def test_health_reports_every_recent_batch_failing_until_one_succeeds() -> None:
-    async def scenario() -> None:
-        model = Model()
-        batcher = await _with_batcher(model, max_batch_size=1)
+    async def scenario(model: Model, batcher: Batcher[int, int]) -> None:
         for _ in range(3):
             with pytest.raises(ValueError, match="negative"):
                 await batcher.submit(-1)
@@ -181,14 +171,14 @@ def test_health_reports_every_recent_batch_failing_until_one_succeeds() -> None:
         assert "the last 3 batches failed (ValueError: negative input" in reason
         assert (await batcher.submit(1)).value == 2
         assert batcher.health(stall_s=60) is None
-        await batcher.stop()
 
-    asyncio.run(scenario())
+    _run(scenario, max_batch_size=1)
 
 
 def test_health_reports_a_batcher_that_has_stopped() -> None:
     async def scenario() -> None:
-        batcher = await _with_batcher(Model(), max_batch_size=1)
+        batcher: Batcher[int, int] = Batcher(Model(), ThreadPoolExecutor(1), max_batch_size=1)
+        batcher.start()
         await batcher.stop()
         assert batcher.health(stall_s=60) == "the batcher has stopped"
 

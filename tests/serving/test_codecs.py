@@ -336,19 +336,21 @@ def test_settings_from_the_environment() -> None:
         {
             "SAGEMAKER_BIND_TO_PORT": "9000",
             "SAGEMAKER_MAX_PAYLOAD_IN_MB": "12",
-            "SAGEMAKER_BATCH": "true",
+            "SAGEMAKER_BATCH": "true",  # batch transform's hints: read by nothing
             "SAGEMAKER_BATCH_STRATEGY": "multi_record",
             "SAGEMAKER_DEFAULT_INVOCATIONS_ACCEPT": "Application/JSONLines",
             "SERVE_MAX_BATCH_SIZE": "32",
+            "SERVE_DEVICE": "CPU",
+            "SERVE_OPTIMIZE": "Auto",  # the old name of jit
             "UNRELATED": "ignored",
         }
     )
     assert settings.port == 9000
     assert settings.max_payload_bytes == 12 << 20
-    assert settings.batch_transform
-    assert settings.batch_strategy == "MULTI_RECORD"
+    assert settings.optimize == "jit"
     assert settings.default_accept == JSONLINES
     assert settings.max_batch_size == 32
+    assert settings.device == "cpu"
     assert "SAGEMAKER_BIND_TO_PORT=9000" in settings.describe()
     assert ServeSettings.from_environ({}).port == 8080
 
@@ -357,6 +359,10 @@ def test_settings_from_the_environment() -> None:
     ("variable", "value"),
     [
         ("SAGEMAKER_BIND_TO_PORT", "99999"),
+        ("SAGEMAKER_BIND_TO_PORT", "eighty"),
+        ("SERVE_MAX_BATCH_SIZE", "0"),
+        ("SAGEMAKER_MAX_PAYLOAD_IN_MB", "500"),
+        ("SERVE_DEVICE", "gpu"),
         ("SAGEMAKER_DEFAULT_INVOCATIONS_ACCEPT", "text/csv"),
         ("SERVE_PRECISION", "int4"),
         ("SAGEMAKER_MODEL_SERVER_WORKERS", "0"),

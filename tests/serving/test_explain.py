@@ -8,7 +8,7 @@ import io
 import numpy as np
 from PIL import Image, ImageDraw
 
-from tests.serving.conftest import Server, jpeg
+from tests.serving.conftest import App, jpeg
 
 EXPLAIN = {"x_amzn_sagemaker_custom_attributes": "explain=gradcam"}
 
@@ -23,8 +23,8 @@ def _scene(left: int, size: tuple[int, int] = (200, 200)) -> Image.Image:
     return image
 
 
-def _explain(server: Server, image: Image.Image) -> dict[str, object]:
-    response = server.post(jpeg(image, quality=95), **EXPLAIN)
+def _explain(app: App, image: Image.Image) -> dict[str, object]:
+    response = app.post(jpeg(image, quality=95), **EXPLAIN)
     assert response.status_code == 200, response.text
     body = response.json()
     explanation = body["explanation"]
@@ -38,8 +38,8 @@ def _centre_x(heatmap: np.ndarray) -> float:
     return float((columns * np.arange(len(columns))).sum() / columns.sum())
 
 
-def test_heatmap_is_a_normalised_map_over_the_input(server: Server) -> None:
-    explanation = _explain(server, _scene(left=60))
+def test_heatmap_is_a_normalised_map_over_the_input(app: App) -> None:
+    explanation = _explain(app, _scene(left=60))
     assert explanation["method"] == "gradcam"
     heatmap = np.asarray(explanation["heatmap"])
     assert heatmap.shape == (4, 4)  # 128 px input, ResNet stride 32
@@ -48,9 +48,9 @@ def test_heatmap_is_a_normalised_map_over_the_input(server: Server) -> None:
     assert 0 < heatmap.mean() < 1
 
 
-def test_overlay_has_the_image_aspect(server: Server) -> None:
+def test_overlay_has_the_image_aspect(app: App) -> None:
     image = _scene(left=40, size=(360, 200))
-    explanation = _explain(server, image)
+    explanation = _explain(app, image)
     overlay = Image.open(io.BytesIO(base64.b64decode(str(explanation["overlay_png"]))))
     assert overlay.format == "PNG"
     assert abs(overlay.width / overlay.height - 360 / 200) < 0.02
@@ -60,17 +60,17 @@ def test_overlay_has_the_image_aspect(server: Server) -> None:
     assert 0 <= top < bottom <= 200
 
 
-def test_the_map_follows_the_object(server: Server) -> None:
-    on_the_left = np.asarray(_explain(server, _scene(left=15))["heatmap"])
-    on_the_right = np.asarray(_explain(server, _scene(left=105))["heatmap"])
+def test_the_map_follows_the_object(app: App) -> None:
+    on_the_left = np.asarray(_explain(app, _scene(left=15))["heatmap"])
+    on_the_right = np.asarray(_explain(app, _scene(left=105))["heatmap"])
     assert not np.allclose(on_the_left, on_the_right)
     assert _centre_x(on_the_left) < _centre_x(on_the_right)
 
 
-def test_only_on_request_and_for_every_image(server: Server) -> None:
-    plain = server.post(jpeg(_scene(left=60)))
+def test_only_on_request_and_for_every_image(app: App) -> None:
+    plain = app.post(jpeg(_scene(left=60)))
     assert "explanation" not in plain.json()
-    many = server.client.post(
+    many = app.client.post(
         "/invocations",
         files=[("image", ("a.jpg", jpeg(_scene(15)))), ("image", ("b.jpg", jpeg(_scene(105))))],
         headers={"X-Amzn-SageMaker-Custom-Attributes": "explain=gradcam"},

@@ -20,7 +20,7 @@ from container.serving.budget import RequestBudget
 from container.serving.codecs import READABLE_TYPES, ImageInput, read_inputs
 from container.serving.errors import BadRequestError, PayloadTooLargeError, ServingError
 from container.serving.settings import ENVIRONMENT, ServeSettings
-from tests.serving.conftest import Server, jpeg, photo
+from tests.serving.conftest import App, jpeg, photo
 
 CONTENT_TYPES = [*sorted(READABLE_TYPES), "text/plain", "image/svg+xml", ""]
 ACCEPTS = ["*/*", "application/json", "application/jsonlines", "text/html", ""]
@@ -102,7 +102,7 @@ def test_codecs_and_decoding_fail_only_with_their_own_errors(
 
 
 def test_the_server_answers_every_body_with_json_and_never_500(
-    server: Server, bodies: st.SearchStrategy[bytes]
+    app: App, bodies: st.SearchStrategy[bytes]
 ) -> None:
     @settings(
         max_examples=150,
@@ -117,7 +117,7 @@ def test_the_server_answers_every_body_with_json_and_never_500(
     )
     def check(content_type: str, accept: str, body: bytes) -> None:
         headers = {"Content-Type": content_type, "Accept": accept}
-        response = server.client.post("/invocations", content=body, headers=headers)
+        response = app.client.post("/invocations", content=body, headers=headers)
         assert response.status_code in (200, 400, 406, 413, 415), response.text
         document = (
             response.json() if response.headers["content-type"] == "application/json" else None
@@ -132,7 +132,7 @@ def test_the_server_answers_every_body_with_json_and_never_500(
             assert "predictions" in document or "results" in document
 
     check()
-    assert server.client.get("/ping").status_code == 200
+    assert app.client.get("/ping").status_code == 200
 
 
 # --- the request budget ---------------------------------------------------------------------------
@@ -265,7 +265,7 @@ def server_batches(draw: st.DrawFn, max_images: int) -> tuple[str, bytes, int]:
     return "application/json", json.dumps({"instances": [b64] * count}).encode(), count
 
 
-def test_the_server_answers_every_count_with_its_results_or_413(server: Server) -> None:
+def test_the_server_answers_every_count_with_its_results_or_413(app: App) -> None:
     """Needs app.py to pass its RequestBudget (SERVE_MAX_IMAGES, default 64) to read_inputs."""
     max_images = RequestBudget.from_settings(ServeSettings.from_environ({})).max_images
 
@@ -278,7 +278,7 @@ def test_the_server_answers_every_count_with_its_results_or_413(server: Server) 
     @given(batch=server_batches(max_images))
     def check(batch: tuple[str, bytes, int]) -> None:
         content_type, body, count = batch
-        response = server.post(body, content_type)
+        response = app.post(body, content_type)
         assert response.headers["content-type"] == "application/json", response.text
         document = response.json()
         if count == 0:
@@ -291,4 +291,4 @@ def test_the_server_answers_every_count_with_its_results_or_413(server: Server) 
             assert len(document.get("results", [document])) == count
 
     check()
-    assert server.client.get("/ping").status_code == 200
+    assert app.client.get("/ping").status_code == 200

@@ -1,4 +1,5 @@
-"""Hostile and overloading clients against the real server process.
+"""Hostile and overloading clients: against the real server process where its sockets or its
+memory are the subject, else against the app in this process (`in_process`).
 
 Each hostile request gets its 4xx with a message naming the limit (never a 500, a repr or a path);
 meanwhile and afterwards `/ping` answers 200 within 2 s, and the server's memory (with its
@@ -19,7 +20,6 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import pytest
@@ -27,7 +27,16 @@ from PIL import Image
 
 from container.sagemaker_env import OptMl
 from tests.crafted import png_header
-from tests.serving.conftest import Server, encoded, jpeg, photo, serving
+from tests.serving.conftest import (
+    Endpoint,
+    Server,
+    encoded,
+    in_process,
+    jpeg,
+    photo,
+    serve_settings,
+    serving,
+)
 
 MiB = 1 << 20
 MEMORY_BOUND = 150 * MiB
@@ -119,20 +128,21 @@ HOSTILE = {
 
 
 @contextmanager
-def pinging(server: Server) -> Iterator[list[tuple[int, float]]]:
-    """GET /ping every 0.1 s on its own connection before, while and after the block runs:
+def pinging(server: Endpoint) -> Iterator[list[tuple[int, float]]]:
+    """GET /ping every 0.1 s from a thread of its own before, while and after the block runs:
     (status, seconds) of each."""
     pings: list[tuple[int, float]] = []
     stop = threading.Event()
 
+    def ping() -> None:
+        started = time.monotonic()
+        status = server.client.get("/ping").status_code
+        pings.append((status, time.monotonic() - started))
+
     def run() -> None:
-        with httpx.Client(base_url=server.url, timeout=10) as client:
-            while True:
-                started = time.monotonic()
-                status = client.get("/ping").status_code
-                pings.append((status, time.monotonic() - started))
-                if stop.wait(0.1):
-                    return
+        ping()
+        while not stop.wait(0.1):
+            ping()
 
     thread = threading.Thread(target=run)
     thread.start()
@@ -143,9 +153,18 @@ def pinging(server: Server) -> Iterator[list[tuple[int, float]]]:
     finally:
         stop.set()
         thread.join()
-        with httpx.Client(base_url=server.url, timeout=10) as client:
-            started = time.monotonic()
-            pings.append((client.get("/ping").status_code, time.monotonic() - started))
+        ping()
+
+
+def _while_sending(
+    server: Endpoint, body: bytes, count: int, step: Callable[[], None]
+) -> list[httpx.Response]:
+    """Send `body` `count` times at once and call `step` until all are answered; the answers."""
+    with ThreadPoolExecutor(count) as pool:
+        sent = [pool.submit(server.post, body) for _ in range(count)]
+        while not all(s.done() for s in sent):
+            step()
+        return [s.result() for s in sent]
 
 
 def _healthy(pings: list[tuple[int, float]]) -> None:
@@ -209,59 +228,34 @@ def test_a_client_that_leaves_has_its_work_dropped(guarded: Server) -> None:
             + many
         )
         time.sleep(0.05)  # the body is in and its images are being decoded
-    gone = re.compile(r"status=499 .* images=64 ")
-    deadline = time.monotonic() + 30
-    while not gone.search(guarded.logs()) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert gone.search(guarded.logs()), guarded.logs()[-2000:]
+    assert guarded.log_lines(r"status=499 .* images=64 ", timeout=30)
     assert guarded.client.get("/ping").status_code == 200
 
 
-def test_a_wedged_decoder_is_replaced_while_others_are_answered(
-    trained: OptMl, tmp_path: Path
-) -> None:
-    slow = _slow_jpeg()
-    with serving(
-        trained.base,
-        tmp_path / "serve.log",
-        {"SERVE_DECODE_TIMEOUT_S": "0.2", "SERVE_DECODERS": "2"},
-    ) as server:
-        normal = jpeg(photo())
+def test_a_wedged_decoder_is_replaced_while_others_are_answered(trained: OptMl) -> None:
+    normal = jpeg(photo())
+    with in_process(serve_settings(trained, decode_timeout_s=0.2, decoders=2)) as app:
+        app.wait_until(200)
         answered: list[int] = []  # statuses of requests sent while the wedges were in
-        with pinging(server) as pings, ThreadPoolExecutor(4) as pool:
-            wedges = [pool.submit(server.post, slow) for _ in range(3)]
-            with httpx.Client(base_url=server.url, timeout=60) as client:
-                while not all(w.done() for w in wedges):
-                    status = client.post(
-                        "/invocations", content=normal, headers={"Content-Type": "image/jpeg"}
-                    ).status_code
-                    answered.append(status)
-            refused = [w.result() for w in wedges]
+        with pinging(app) as pings:
+            refused = _while_sending(
+                app, _slow_jpeg(), 3, lambda: answered.append(app.post(normal).status_code)
+            )
         for response in refused:
             assert response.status_code == 413, response.text
             assert "SERVE_DECODE_TIMEOUT_S" in response.json()["message"]
         assert answered
         assert set(answered) == {200}
         _healthy(pings)
-        assert "Replacing decoder process" in server.logs()
+        assert "Replacing decoder process" in app.logs()
 
 
-def test_more_clients_than_the_queue_holds_get_fast_503s(trained: OptMl, tmp_path: Path) -> None:
-    with serving(
-        trained.base,
-        tmp_path / "serve.log",
-        {"SERVE_MAX_QUEUED_IMAGES": "2", "SERVE_MAX_BATCH_SIZE": "1"},
-    ) as server:
-        body = jpeg(photo(1024, 768))
-
-        def call(_: int) -> httpx.Response:
-            with httpx.Client(base_url=server.url, timeout=60) as client:
-                return client.post(
-                    "/invocations", content=body, headers={"Content-Type": "image/jpeg"}
-                )
-
+def test_more_clients_than_the_queue_holds_get_fast_503s(trained: OptMl) -> None:
+    body = jpeg(photo(1024, 768))
+    with in_process(serve_settings(trained, max_queued_images=2, max_batch_size=1)) as app:
+        app.wait_until(200)
         with ThreadPoolExecutor(24) as pool:
-            responses = list(pool.map(call, range(96)))
+            responses = list(pool.map(lambda _: app.post(body), range(96)))
         statuses = [r.status_code for r in responses]
         assert set(statuses) == {200, 503}, statuses
         for response in responses:
@@ -269,27 +263,24 @@ def test_more_clients_than_the_queue_holds_get_fast_503s(trained: OptMl, tmp_pat
                 assert response.headers["Retry-After"] == "1"
                 assert "SERVE_MAX_QUEUED_IMAGES" in response.json()["message"]
         # The queue drains: the server answers at once again.
-        assert server.client.get("/ping").status_code == 200
-        assert server.post(body).status_code == 200
+        assert app.client.get("/ping").status_code == 200
+        assert app.post(body).status_code == 200
 
 
-def test_ping_says_503_while_images_wait_too_long_for_a_decoder(
-    trained: OptMl, tmp_path: Path
-) -> None:
-    slow = _slow_jpeg()
-    with serving(
-        trained.base,
-        tmp_path / "serve.log",
-        {"SERVE_DECODERS": "1", "SERVE_STALL_S": "0.5"},
-    ) as server:
+def test_ping_says_503_while_images_wait_too_long_for_a_decoder(trained: OptMl) -> None:
+    # Time enough to decode (the subject is the wait for a decoder, not SERVE_DECODE_TIMEOUT_S).
+    served = serve_settings(trained, decoders=1, stall_s=0.5, decode_timeout_s=60)
+    with in_process(served) as app:
+        app.wait_until(200)
         reasons = []
-        with ThreadPoolExecutor(2) as pool:
-            slow_ones = [pool.submit(server.post, slow) for _ in range(2)]
-            while not all(s.done() for s in slow_ones):
-                response = server.client.get("/ping")
-                if response.status_code == 503:
-                    reasons.append(response.json()["message"])
-                time.sleep(0.05)
-        assert [s.result().status_code for s in slow_ones] == [200, 200]
+
+        def ping() -> None:
+            response = app.client.get("/ping")
+            if response.status_code == 503:
+                reasons.append(response.json()["message"])
+            time.sleep(0.05)
+
+        slow_ones = _while_sending(app, _slow_jpeg(), 2, ping)
+        assert [s.status_code for s in slow_ones] == [200, 200]
         assert any("waited" in r and "for a decoder" in r for r in reasons), reasons
-        server.wait_until(200, timeout=10)
+        app.wait_until(200, timeout=10)

@@ -1,4 +1,5 @@
-"""Start-up, health, load and shutdown of the real `serve` process."""
+"""Start-up, health, load and shutdown: of the real `serve` process where the process is the
+subject (its socket, SIGTERM, exit codes), else of the app in this process (`in_process`)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,16 @@ import httpx
 import pytest
 
 from container.sagemaker_env import OptMl
-from tests.serving.conftest import SERVE, Server, jpeg, photo, start_server
+from tests.serving.conftest import (
+    QUICK,
+    SERVE,
+    Server,
+    in_process,
+    jpeg,
+    photo,
+    serve_settings,
+    start_server,
+)
 
 # SageMaker's health check times out after 2 s, and SIGKILL follows SIGTERM after 30 s.
 PING_TIMEOUT_S = 2.0
@@ -35,96 +45,25 @@ def _files(trained: OptMl) -> list[Path]:
     return sorted(trained.model_dir.iterdir())
 
 
-def test_ping_is_503_until_the_model_is_ready_then_200(trained: OptMl, tmp_path: Path) -> None:
-    server = start_server(trained.base, tmp_path / "serve.log")
-    try:
-        statuses = []
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and 200 not in statuses:
-            try:
-                response = server.client.get("/ping")
-            except httpx.TransportError:
-                time.sleep(0.02)
-                continue
-            statuses.append(response.status_code)
-            if response.status_code == 503:
-                assert response.json()["error"] == "not_ready"
-                assert "loading" in response.json()["message"]
-        assert statuses[0] == 503  # the socket opens before the model has loaded
-        assert statuses[-1] == 200
-        assert set(statuses) == {503, 200}
-        assert server.client.get("/ping").content == b""
-        early = server.post(jpeg(photo()))
-        assert early.status_code == 200
-    finally:
-        assert server.stop() == 0
-
-
-@pytest.mark.parametrize("layout", ["nested", "model.tar.gz", "nested model.tar.gz"])
-def test_model_layouts(trained: OptMl, tmp_path: Path, layout: str) -> None:
-    base = _tree(tmp_path, trained)
-    model = base / "model"
-    if layout == "nested":
-        shutil.copytree(trained.model_dir, model / "my-model")
-    else:
-        with tarfile.open(model / "model.tar.gz", "w:gz") as tf:
-            for file in _files(trained):
-                arcname = f"inner/{file.name}" if layout.startswith("nested") else file.name
-                tf.add(file, arcname=arcname)
-    server = start_server(base, tmp_path / "serve.log")
-    try:
-        server.wait_until(200)
-        assert server.post(jpeg(photo())).status_code == 200
-    finally:
-        assert server.stop() == 0
-
-
-@pytest.mark.parametrize(
-    ("breakage", "reason"),
-    [
-        ("empty", "no model in"),
-        ("no weights", "has no model.pt"),
-        ("corrupt weights", "model.pt does not load"),
-        ("corrupt archive", "cannot unpack"),
-    ],
-)
-def test_a_broken_model_means_503_for_good_with_the_reason_in_the_log(
-    trained: OptMl, tmp_path: Path, breakage: str, reason: str
-) -> None:
-    base = _tree(tmp_path, trained)
-    model = base / "model"
-    if breakage == "corrupt archive":
-        (model / "model.tar.gz").write_bytes(b"\x1f\x8b not really gzip")
-    elif breakage != "empty":
-        for file in _files(trained):
-            shutil.copy(file, model / file.name)
-        if breakage == "no weights":
-            (model / "model.pt").unlink()
-        else:
-            (model / "model.pt").write_bytes(b"garbage")
-    server = start_server(base, tmp_path / "serve.log")
-    try:
-        server.wait_until(503)
-        deadline = time.monotonic() + 60
-        while "Not serving" not in server.logs() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        time.sleep(0.5)
-        # Clients are told that it failed; what was found (paths, a listing) only goes to the log.
-        public = "the model artifact cannot be loaded; the server log says why"
-        for _ in range(3):
+def _pings_until_200(server: Server) -> list[int]:
+    """The statuses of /ping from the first answer to the first 200 (a 503 says it is loading)."""
+    statuses: list[int] = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and 200 not in statuses:
+        try:
             response = server.client.get("/ping")
-            assert response.status_code == 503
-            assert response.json()["message"] == public
-        invocation = server.post(jpeg(photo()))
-        assert invocation.status_code == 503
-        assert invocation.json()["message"] == public
-        (line,) = [line for line in server.logs().splitlines() if "Not serving" in line]
-        assert reason in line  # one line a person can act on
-    finally:
-        assert server.stop() == 0
+        except httpx.TransportError:
+            time.sleep(0.02)
+            continue
+        statuses.append(response.status_code)
+        if response.status_code == 503:
+            assert response.json()["error"] == "not_ready"
+            assert response.json()["message"] == "the model is still loading"
+    return statuses
 
 
-def test_ping_answers_fast_while_inference_is_saturated(server: Server) -> None:
+def _ping_times_while_saturated(server: Server) -> list[float]:
+    """Seconds of each of 10 pings while 32 clients keep the model busy with 1024x768 photos."""
     body = jpeg(photo(1024, 768))
     stop = threading.Event()
     served = []
@@ -151,58 +90,122 @@ def test_ping_answers_fast_while_inference_is_saturated(server: Server) -> None:
         stop.set()
     assert served
     assert set(served) == {200}
-    assert max(pings) < PING_TIMEOUT_S, pings
+    return pings
 
 
-def test_sigterm_finishes_in_flight_requests_then_exits_0(trained: OptMl, tmp_path: Path) -> None:
+def test_the_serve_process_from_start_to_sigterm(trained: OptMl, tmp_path: Path) -> None:
+    """The real `serve`: its socket opens before the model has loaded (503 says so, then 200);
+    /ping stays fast while inference is saturated; SIGTERM finishes the requests in flight, and
+    it exits 0."""
     server = start_server(trained.base, tmp_path / "serve.log", {"SERVE_MAX_BATCH_SIZE": "2"})
-    server.wait_until(200)
-    body = jpeg(photo(3000, 2000))
-    with ThreadPoolExecutor(12) as pool:
-        futures = [
-            pool.submit(
-                httpx.post,
-                f"{server.url}/invocations",
-                content=body,
-                headers={"Content-Type": "image/jpeg"},
-                timeout=60,
-            )
-            for _ in range(12)
-        ]
-        time.sleep(0.5)  # requests are queued or running
-        sent = time.monotonic()
-        code = server.stop(timeout=STOP_WINDOW_S)
-        assert time.monotonic() - sent < STOP_WINDOW_S
-        responses = [f.result() for f in futures]
-    assert code == 0
+    try:
+        statuses = _pings_until_200(server)
+        assert statuses[0] == 503  # the socket opens before the model has loaded
+        assert statuses[-1] == 200
+        assert set(statuses) == {503, 200}
+        assert server.client.get("/ping").content == b""
+        pings = _ping_times_while_saturated(server)
+        assert max(pings) < PING_TIMEOUT_S, pings
+        body = jpeg(photo(3000, 2000))
+        with ThreadPoolExecutor(12) as pool:
+            in_flight = [
+                pool.submit(
+                    httpx.post,
+                    f"{server.url}/invocations",
+                    content=body,
+                    headers={"Content-Type": "image/jpeg"},
+                    timeout=60,
+                )
+                for _ in range(12)
+            ]
+            time.sleep(0.5)  # requests are queued or running
+            sent = time.monotonic()
+            assert server.stop(timeout=STOP_WINDOW_S) == 0
+            assert time.monotonic() - sent < STOP_WINDOW_S
+            responses = [f.result() for f in in_flight]
+    finally:
+        server.stop()
     assert [r.status_code for r in responses] == [200] * 12
+    assert "Settings: SAGEMAKER_BASE_DIR=" in server.logs()  # what it was told, at start-up
+    assert "SERVE_MAX_BATCH_SIZE=2," in server.logs()
     assert "Shut down on SIGTERM" in server.logs()
 
 
-def test_default_accept_can_be_jsonlines(trained: OptMl, tmp_path: Path) -> None:
-    env = {"SAGEMAKER_DEFAULT_INVOCATIONS_ACCEPT": "application/jsonlines"}
-    server = start_server(trained.base, tmp_path / "serve.log", env)
-    try:
-        server.wait_until(200)
-        response = server.post(jpeg(photo()), accept="*/*")
+@pytest.mark.parametrize("layout", ["nested", "model.tar.gz", "nested model.tar.gz"])
+def test_model_layouts(trained: OptMl, tmp_path: Path, layout: str) -> None:
+    base = _tree(tmp_path, trained)
+    model = base / "model"
+    if layout == "nested":
+        shutil.copytree(trained.model_dir, model / "my-model")
+    else:
+        with tarfile.open(model / "model.tar.gz", "w:gz") as tf:
+            for file in _files(trained):
+                arcname = f"inner/{file.name}" if layout.startswith("nested") else file.name
+                tf.add(file, arcname=arcname)
+    with in_process(serve_settings(OptMl(base), **QUICK)) as app:
+        app.wait_until(200)
+        assert app.post(jpeg(photo())).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("breakage", "reason"),
+    [
+        ("empty", "no model in"),
+        ("no weights", "has no model.pt"),
+        ("corrupt weights", "model.pt does not load"),
+        ("corrupt archive", "cannot unpack"),
+    ],
+)
+def test_a_broken_model_means_503_for_good_with_the_reason_in_the_log(
+    trained: OptMl, tmp_path: Path, breakage: str, reason: str
+) -> None:
+    base = _tree(tmp_path, trained)
+    model = base / "model"
+    if breakage == "corrupt archive":
+        (model / "model.tar.gz").write_bytes(b"\x1f\x8b not really gzip")
+    elif breakage != "empty":
+        for file in _files(trained):
+            shutil.copy(file, model / file.name)
+        if breakage == "no weights":
+            (model / "model.pt").unlink()
+        else:
+            (model / "model.pt").write_bytes(b"garbage")
+    with in_process(serve_settings(OptMl(base))) as app:
+        (line,) = app.log_lines("Not serving")
+        assert line.startswith("ERROR ")
+        assert reason in line  # one line a person can act on
+        # Clients are told that it failed; what was found (paths, a listing) only goes to the log.
+        public = "the model artifact cannot be loaded; the server log says why"
+        for _ in range(3):
+            response = app.client.get("/ping")
+            assert response.status_code == 503
+            assert response.json()["message"] == public
+        invocation = app.post(jpeg(photo()))
+        assert invocation.status_code == 503
+        assert invocation.json()["message"] == public
+        assert len(app.log_lines("Not serving")) == 1
+
+
+def test_default_accept_can_be_jsonlines(trained: OptMl) -> None:
+    accept = "application/jsonlines"
+    with in_process(serve_settings(trained, default_accept=accept, **QUICK)) as app:
+        app.wait_until(200)
+        response = app.post(jpeg(photo()), accept="*/*")
         assert response.headers["content-type"] == "application/jsonlines"
-    finally:
-        assert server.stop() == 0
 
 
 @pytest.mark.parametrize(
     ("env", "words"),
     [
         ({"SAGEMAKER_MULTI_MODEL": "true"}, "serves one model"),
-        ({"SAGEMAKER_BIND_TO_PORT": "eighty"}, "SAGEMAKER_BIND_TO_PORT='eighty' is invalid"),
-        ({"SERVE_MAX_BATCH_SIZE": "0"}, "SERVE_MAX_BATCH_SIZE='0' is invalid"),
         ({"SERVE_DEVICE": "gpu"}, "SERVE_DEVICE='gpu' is invalid: Input should be 'auto', 'cuda'"),
-        ({"SAGEMAKER_MAX_PAYLOAD_IN_MB": "500"}, "SAGEMAKER_MAX_PAYLOAD_IN_MB='500' is invalid"),
     ],
 )
 def test_settings_it_cannot_honour_stop_it_at_once(
     trained: OptMl, env: dict[str, str], words: str
 ) -> None:
+    """Exit 2 with the reason before anything starts; which values are refused, and the message
+    for each, is test_codecs.py's `test_bad_settings_name_the_variable`."""
     done = subprocess.run(
         [sys.executable, str(SERVE)],
         env={**os.environ, "SAGEMAKER_BASE_DIR": str(trained.base), **env},

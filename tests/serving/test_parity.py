@@ -16,7 +16,7 @@ from container.images import normalize, to_uint8_hwc
 from container.model import load_artifact
 from container.sagemaker_env import OptMl
 from container.serving.predictor import Predictor
-from tests.serving.conftest import Server
+from tests.serving.conftest import App
 
 
 def _offline_top1(trained: OptMl, images: list[Path]) -> list[int]:
@@ -31,13 +31,13 @@ def _offline_top1(trained: OptMl, images: list[Path]) -> list[int]:
 
 
 def test_served_top1_equals_offline_evaluation(
-    server: Server, trained: OptMl, test_images: list[Path]
+    app: App, trained: OptMl, test_images: list[Path]
 ) -> None:
     expected = _offline_top1(trained, test_images)
     served = []
     for path in test_images:
         content_type = "image/png" if path.suffix == ".png" else "image/jpeg"
-        response = server.post(path.read_bytes(), content_type)
+        response = app.post(path.read_bytes(), content_type)
         assert response.status_code == 200, response.text
         served.append(response.json()["predictions"][0]["index"])
     assert served == expected

@@ -12,16 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from container.model import class_name
+from container.class_names import class_name
 from container.quickstart import DOG_HYPERPARAMETERS, prepare
 from container.sagemaker_env import OptMl, encode_hyperparameters, read_hyperparameters
 from container.training.hyperparameters import Hyperparameters
-from tests.conftest import ROOT, _free_port
+from tests.conftest import ROOT, free_port
 from tests.serving.conftest import Server
 
 
 def _quickstart(log: Path, *args: str) -> Server:
-    port = _free_port()
+    port = free_port()
     with log.open("w") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "container.quickstart", *args, "--port", str(port)],

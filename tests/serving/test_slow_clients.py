@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from container.sagemaker_env import OptMl
-from tests.serving.conftest import Server, jpeg, photo, start_server
+from tests.serving.conftest import Server, jpeg, photo, serving
 
 HEADER_TIMEOUT_S = 1.0
 # Generous: these only bound a test that would otherwise hang, they measure nothing.
@@ -29,10 +29,8 @@ PARTIAL_REQUEST = b"POST /invocations HTTP/1.1\r\nHost: x\r\nX-Slow: "
 def server(trained: OptMl, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A server that gives clients one second to send their headers."""
     log = tmp_path_factory.mktemp("slow-clients") / "serve.log"
-    running = start_server(trained.base, log, {"SERVE_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S)})
-    running.wait_until(200)
-    yield running
-    assert running.stop() == 0
+    with serving(trained.base, log, {"SERVE_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S)}) as running:
+        yield running
 
 
 def _connect(server: Server) -> socket.socket:
@@ -178,9 +176,7 @@ def test_an_idle_keep_alive_connection_outlives_the_header_timeout(server: Serve
 def test_over_the_connection_limit_uvicorn_answers_503_at_once(
     trained: OptMl, tmp_path: Path
 ) -> None:
-    limited = start_server(trained.base, tmp_path / "serve.log", {"SERVE_MAX_CONNECTIONS": "2"})
-    try:
-        limited.wait_until(200)
+    with serving(trained.base, tmp_path / "serve.log", {"SERVE_MAX_CONNECTIONS": "2"}) as limited:
         slow_bodies = [_connect(limited) for _ in range(3)]
         for sock in slow_bodies:
             sock.sendall(
@@ -193,21 +189,13 @@ def test_over_the_connection_limit_uvicorn_answers_503_at_once(
         for sock in slow_bodies:
             sock.close()
         limited.wait_until(200)
-    finally:
-        exit_code = limited.stop()
-    assert exit_code == 0
 
 
 def test_worker_processes_have_the_header_deadline_too(trained: OptMl, tmp_path: Path) -> None:
     """`workers > 1` sends uvicorn's config, protocol included, to spawned processes."""
     env = {"SAGEMAKER_MODEL_SERVER_WORKERS": "2", "SERVE_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S)}
-    workers = start_server(trained.base, tmp_path / "serve.log", env)
-    try:
-        workers.wait_until(200)
+    with serving(trained.base, tmp_path / "serve.log", env) as workers:
         for _ in range(4):
             with _connect(workers) as sock:
                 sock.sendall(PARTIAL_REQUEST)
                 assert _read_until_closed(sock).startswith(b"HTTP/1.1 408 ")
-    finally:
-        exit_code = workers.stop()
-    assert exit_code == 0
