@@ -6,10 +6,11 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from container.sagemaker_env import OptMl, encode_hyperparameters
+from container.sagemaker_env import MAX_FAILURE_CHARS, OptMl, encode_hyperparameters
 from container.sample_data import SampleSpec, make_dataset
 from container.training.metrics import METRIC_DEFINITIONS
 
@@ -67,7 +68,7 @@ class Job:
     def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         env = {**os.environ, "SAGEMAKER_BASE_DIR": str(self.base), "PYTHONUNBUFFERED": "1"}
         env.pop("SMDEBUG_CONFIG_FILE_PATH", None)
-        env["MASTER_PORT"] = str(_free_port())
+        env["MASTER_PORT"] = str(free_port())
         return {**env, **(extra or {})}
 
     def write_config(self, name: str, content: Any) -> None:
@@ -118,6 +119,22 @@ class Job:
         return json.loads((self.opt_ml.output_data_dir / name).read_text())
 
 
+def fails_with(job: Job, *words: str, env: dict[str, str] | None = None) -> str:
+    """Run `job`: exit 1, a short failure file without a traceback whose first line holds
+    `words`, and no model; the first line."""
+    run = job.run(env)
+    assert run.returncode == 1, run.stderr
+    failure = job.failure()
+    assert failure is not None, f"no failure file; stderr:\n{run.stderr}"
+    assert len(failure) <= MAX_FAILURE_CHARS
+    first_line = failure.splitlines()[0]
+    for word in words:
+        assert word in first_line, first_line
+    assert "Traceback" not in failure
+    assert not (job.opt_ml.model_dir / "model.pt").exists()
+    return first_line
+
+
 def wait_for_line(process: subprocess.Popen[str], text: str, timeout: float = 120) -> str:
     """Read the process's stderr up to a line containing `text`; return what was read."""
     assert process.stderr is not None
@@ -133,9 +150,8 @@ def wait_for_line(process: subprocess.Popen[str], text: str, timeout: float = 12
     raise AssertionError(f"no {text!r} within {timeout} s")
 
 
-def _free_port() -> int:
-    import socket
-
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the OS's choice)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -147,14 +163,15 @@ _CONTAINER_TESTS = Path(__file__).resolve().parent / "container"
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Markers from what each test needs, so that `make test-fast` can leave out the long ones:
     `docker` (the real image: tests/container), `aws` (the moto server, through the SageMaker SDK
-    or boto3), `slow` (training jobs of its own: the `job` fixture)."""
+    or boto3), `slow` (training jobs of its own: the `job` or `jobs` fixture, directly or through
+    a fixture that shares one run between tests; `fixturenames` holds them all)."""
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
         if item.path.is_relative_to(_CONTAINER_TESTS):
             item.add_marker(pytest.mark.docker)
         if "moto_server" in fixtures:
             item.add_marker(pytest.mark.aws)
-        if "job" in fixtures:
+        if fixtures & {"job", "jobs"}:
             item.add_marker(pytest.mark.slow)
 
 
@@ -168,14 +185,25 @@ MODEL = {**FAST, "epochs": 5, "image_size": 128, "lr": 0.02, "warmup_epochs": 0.
 """128 px: a 4x4 Grad-CAM map; 5 epochs: a model that tells the sample classes apart."""
 
 
+def _new_job(
+    base: Path,
+    data: Path,
+    hyperparameters: Mapping[str, Any] = FAST,
+    channels: Sequence[str] = ("train", "valid", "test"),
+) -> Job:
+    """A training job at `base` on a private copy of `data`, not yet run."""
+    job = Job(OptMl(base))
+    shutil.copytree(data, job.opt_ml.data_dir)
+    job.set_channels(*channels)
+    job.set_hyperparameters(hyperparameters)
+    return job
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory: pytest.TempPathFactory, dataset: Path) -> OptMl:
     """An /opt/ml tree whose model/ the real training job wrote (test/ held out); one for the
     server tests, launch's and the image's."""
-    job = Job(OptMl(tmp_path_factory.mktemp("trained")))
-    shutil.copytree(dataset, job.opt_ml.data_dir)
-    job.set_channels("train", "valid", "test")
-    job.set_hyperparameters(MODEL)
+    job = _new_job(tmp_path_factory.mktemp("trained"), dataset, MODEL)
     run = job.run()
     assert run.returncode == 0, run.stderr
     return job.opt_ml
@@ -184,11 +212,26 @@ def trained(tmp_path_factory: pytest.TempPathFactory, dataset: Path) -> OptMl:
 @pytest.fixture
 def job(tmp_path: Path, dataset: Path) -> Job:
     """A training job on a private copy of the dataset with train/valid/test channels."""
-    job = Job(OptMl(tmp_path / "opt_ml"))
-    shutil.copytree(dataset, job.opt_ml.data_dir)
-    job.set_channels("train", "valid", "test")
-    job.set_hyperparameters(FAST)
-    return job
+    return _new_job(tmp_path / "opt_ml", dataset)
+
+
+NewJob = Callable[..., Job]
+
+
+@pytest.fixture(scope="session")
+def jobs(tmp_path_factory: pytest.TempPathFactory, dataset: Path) -> NewJob:
+    """`jobs(name, hyperparameters, channels, data)`: a new training job, for module-scoped
+    fixtures that run it once and let several tests read what it wrote."""
+
+    def make(
+        name: str,
+        hyperparameters: Mapping[str, Any] = FAST,
+        channels: Sequence[str] = ("train", "valid", "test"),
+        data: Path = dataset,
+    ) -> Job:
+        return _new_job(tmp_path_factory.mktemp(name), data, hyperparameters, channels)
+
+    return make
 
 
 VENV_BIN = Path(sys.executable).parent  # not resolved: the venv's bin, not the base Python's
@@ -198,7 +241,7 @@ VENV_BIN = Path(sys.executable).parent  # not resolved: the venv's bin, not the 
 def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real moto_server process on a free port, for every AWS API test; its URL."""
     folder = tmp_path_factory.mktemp("moto")
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     args = [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
     # Its request recorder on: what a test's command sent, read back with /moto-api/recorder/.

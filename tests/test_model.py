@@ -8,16 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from container.class_names import class_name
 from container.decoding import Preprocessing
 from container.model import (
     ArtifactError,
     backbone,
     build,
-    class_name,
     load_artifact,
     load_backbone_weights,
     save_artifact,
 )
+from container.serving.predictor import load_predictor
 
 
 @pytest.mark.parametrize(
@@ -65,6 +66,19 @@ def test_round_trip(tmp_path: Path) -> None:
     expected = build("resnet18", 3).state_dict()
     for key, value in artifact.model.state_dict().items():
         torch.testing.assert_close(value, expected[key])
+
+
+def test_an_older_artifact_still_loads_and_serves(tmp_path: Path) -> None:
+    """Artifacts written before 2026-12 carry `preprocessing.version`, which nothing reads now."""
+    _save(tmp_path)
+    meta_file = tmp_path / "model_meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta["preprocessing"]["version"] = 1
+    meta_file.write_text(json.dumps(meta))
+    predictor = load_predictor(tmp_path, tmp_path / "scratch", "cpu", "fp32", False, 1)
+    assert predictor.prep == Preprocessing.for_image_size(64)
+    [probabilities] = predictor.predict([torch.zeros(64, 64, 3, dtype=torch.uint8)])
+    assert probabilities.shape == (3,)
 
 
 def test_model_version_is_a_content_hash(tmp_path: Path) -> None:

@@ -154,7 +154,10 @@ def test_manifest_files_and_unknown_channels_are_ignored(data: Path, tmp_path: P
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
-        (lambda d: shutil.rmtree(d / "valid"), r"channel 'valid' has no folder at .*valid"),
+        (
+            lambda d: shutil.rmtree(d / "valid"),
+            r"channel 'valid' has no folder at .*valid: .*S3 prefix",
+        ),
         (
             lambda d: [shutil.rmtree(p) for p in (d / "valid").iterdir()],
             r"channel 'valid' has no images in class folders.*S3 prefix is wrong",

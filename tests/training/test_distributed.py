@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from container.sagemaker_env import OptMl
-from tests.conftest import FAST, Job, TrainRun, _free_port, wait_for_line
+from tests.conftest import FAST, Job, TrainRun, free_port, wait_for_line
 
 
 def test_two_processes_on_one_host_make_one_model_and_one_set_of_metric_lines(job: Job) -> None:
@@ -47,7 +47,7 @@ def test_two_hosts_train_one_model_written_by_the_master_only(job: Job, tmp_path
     # The master must resolve by name, as algo-1 does on SageMaker; "localhost" does here.
     hosts = ["localhost", "algo-2"]
     master, worker = (_host(job, tmp_path, name, hosts) for name in hosts)
-    env = {"MASTER_PORT": str(_free_port())}
+    env = {"MASTER_PORT": str(free_port())}
     processes = [host.start(env) for host in (master, worker)]
     runs = []
     for process in processes:

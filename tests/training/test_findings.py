@@ -16,11 +16,10 @@ from smdebug import modes
 from smdebug.exceptions import TensorUnavailableForStep
 from smdebug.trials import create_trial
 
-from container.sagemaker_env import OptMl
 from container.sample_data import SampleSpec, make_dataset
 from container.training.findings import Finding, judge
 from container.training.profiler import PHASES
-from tests.conftest import FAST, Job, TrainRun
+from tests.conftest import FAST, Job, NewJob, TrainRun
 
 # --- synthetic profiles -------------------------------------------------------------------------
 
@@ -253,12 +252,11 @@ TINY = SampleSpec(classes=2, per_class={"train": 4, "valid": 2}, corrupt={})
 """Two steps of 4 images per epoch: checkpoints (~180 MB a time) outweigh the training."""
 
 
-def _job(base: Path, data: Path, **hyperparameters: Any) -> Job:
-    job = Job(OptMl(base))
-    shutil.copytree(data, job.opt_ml.data_dir)
-    job.set_channels("train", "valid")
-    job.set_hyperparameters(FAST, **hyperparameters)
-    return job
+def _run(jobs: NewJob, name: str, data: Path, **hyperparameters: Any) -> tuple[Job, TrainRun]:
+    job = jobs(name, {**FAST, **hyperparameters}, ("train", "valid"), data)
+    run = job.run(wrapper=ONE_CPU)
+    assert run.returncode == 0, run.stderr
+    return job, run
 
 
 def _findings(job: Job) -> dict[str, dict[str, Any]]:
@@ -271,16 +269,13 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def short_epochs(tmp_path_factory: pytest.TempPathFactory, tiny: Path) -> tuple[Job, TrainRun]:
+def short_epochs(jobs: NewJob, tiny: Path) -> tuple[Job, TrainRun]:
     """A healthy little run whose epochs are mostly checkpoint, recording its own tensors."""
-    job = _job(tmp_path_factory.mktemp("short"), tiny, batch_size=4, save_tensors=True)
-    run = job.run(wrapper=ONE_CPU)
-    assert run.returncode == 0, run.stderr
-    return job, run
+    return _run(jobs, "short", tiny, batch_size=4, save_tensors=True)
 
 
 @pytest.fixture(scope="module")
-def slow_loader(tmp_path_factory: pytest.TempPathFactory) -> tuple[Job, TrainRun]:
+def slow_loader(jobs: NewJob, tmp_path_factory: pytest.TempPathFactory) -> tuple[Job, TrainRun]:
     """Large PNGs (no JPEG draft decoding) cropped to 32 px, no loader workers, 8 to a batch:
     decoding a batch takes far longer than the step that trains on it (at 32 px a step costs
     about the same whatever the batch size)."""
@@ -298,10 +293,7 @@ def slow_loader(tmp_path_factory: pytest.TempPathFactory) -> tuple[Job, TrainRun
     for image in sorted(data.glob("train/*/*.png")):  # 8 of each: copies decode as slowly
         for n in range(1, 8):
             shutil.copy(image, image.with_stem(f"{image.stem}_copy{n}"))
-    job = _job(tmp_path_factory.mktemp("slow"), data, batch_size=8, workers=0)
-    run = job.run(wrapper=ONE_CPU)
-    assert run.returncode == 0, run.stderr
-    return job, run
+    return _run(jobs, "slow", data, batch_size=8, workers=0)
 
 
 def test_a_slow_loader_is_found(slow_loader: tuple[Job, TrainRun]) -> None:
@@ -369,35 +361,3 @@ def test_save_tensors_records_smdebug_tensors_without_a_hook_config(
     relu = trial.tensor(trial.tensor_names(collection="relu_input")[0])
     assert relu.steps(mode=modes.EVAL) == []
     assert float(relu.reduction_value(0, "variance", mode=modes.TRAIN)) > 0
-
-
-def test_a_hook_config_wins_over_save_tensors(
-    tmp_path_factory: pytest.TempPathFactory, tiny: Path
-) -> None:
-    job = _job(tmp_path_factory.mktemp("configured"), tiny, epochs=1, save_tensors=True)
-    theirs = job.opt_ml.output_dir / "tensors"
-    job.write_config(
-        "debughookconfig.json",
-        {
-            "LocalPath": str(theirs),
-            "HookParameters": {"save_interval": "1"},
-            "CollectionConfigurations": [{"CollectionName": "losses"}],
-        },
-    )
-    run = job.run(wrapper=ONE_CPU)
-    assert run.returncode == 0, run.stderr
-    assert "save_tensors ignored: " in run.stderr
-    assert not (job.opt_ml.output_data_dir / "debug-tensors").exists()
-    assert create_trial(str(theirs)).tensor_names(collection="losses")
-
-
-def test_checkpoint_epochs_writes_last_pt_less_often(tmp_path: Path, tiny: Path) -> None:
-    """What the checkpoints finding recommends: every 2nd epoch, and always the last."""
-    job = _job(tmp_path, tiny, epochs=3, checkpoint_epochs=2)
-    run = job.run(wrapper=ONE_CPU)
-    assert run.returncode == 0, run.stderr
-    saved = [
-        line.rsplit(" ", 1)[-1] for line in run.stderr.splitlines() if "Checkpoint saved" in line
-    ]
-    assert saved == ["2", "3"]
-    assert (job.opt_ml.default_checkpoint_dir / "last.pt").is_file()

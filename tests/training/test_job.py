@@ -1,25 +1,73 @@
-"""The real `train` process on a generated /opt/ml tree: it learns and writes what it should."""
+"""The real `train` process on a generated /opt/ml tree: it learns and writes what it should.
+
+Two runs, each read by several tests: `learned`, a default job that learns the sample classes,
+and `variant`, the other choices (ResNet34, AdamW, a step schedule, a frozen first epoch, fp32,
+TensorBoard, a hook config with the Debugger turned off).
+"""
 
 from __future__ import annotations
+
+import re
+from pathlib import Path
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from container.model import build, load_artifact
+from container.model import load_artifact
 from container.training.checkpoint import CHECKPOINT_FILE
+from container.training.metrics import METRIC_DEFINITIONS
 from container.training.profiler import PHASES
-from tests.conftest import FAST, Job
+from tests.conftest import FAST, Job, NewJob, TrainRun
+from tests.training.test_debugger import HOOK_CONFIG
 
 LEARN = {**FAST, "epochs": 5, "image_size": 64, "lr": 0.02, "warmup_epochs": 0.5, "workers": "auto"}
 
+Ran = tuple[Job, TrainRun]
 
-def test_learns_and_writes_model_reports_checkpoint_and_metrics(job: Job) -> None:
-    job.set_hyperparameters(LEARN)
+
+def _run(job: Job) -> Ran:
     run = job.run()
     assert run.returncode == 0, run.stderr
     assert job.failure() is None
+    return job, run
 
+
+@pytest.fixture(scope="module")
+def learned(jobs: NewJob) -> Ran:
+    return _run(jobs("learned", LEARN))
+
+
+@pytest.fixture(scope="module")
+def variant(jobs: NewJob) -> Ran:
+    job = jobs(
+        "variant",
+        {
+            **FAST,
+            "arch": "resnet34",
+            "optimizer": "AdamW",
+            "lr": 0.001,
+            "lr_schedule": "step",
+            "lr_step_epochs": 1,
+            "frozen_epochs": 1,
+            "mixed_precision": "off",
+            "debugger": "off",
+        },
+    )
+    job.write_config(
+        "tensorboardoutputconfig.json",
+        {"LocalPath": "/opt/ml/output/tensorboard", "S3OutputPath": "s3://bucket/tb"},
+    )
+    job.write_config("debughookconfig.json", {**HOOK_CONFIG, "LocalPath": str(_tensors(job))})
+    return _run(job)
+
+
+def _tensors(job: Job) -> Path:
+    return job.opt_ml.output_dir / "tensors"
+
+
+def test_it_learns_and_prints_one_metric_line_per_epoch(learned: Ran) -> None:
+    _, run = learned
     # It learns: 4 classes, chance is 0.25.
     val_acc = run.metric("val_acc")
     assert len(val_acc) == 5 + 1  # one per epoch, then the final line
@@ -37,7 +85,26 @@ def test_learns_and_writes_model_reports_checkpoint_and_metrics(job: Job) -> Non
     assert run.metric("best_epoch") == [float(val_acc.index(val_acc[-1]) + 1)]
     assert len(run.metric("test_acc")) == 1
 
-    # The artifact loads and says what it is.
+
+def test_the_metric_regexes_scrape_the_metric_lines_and_nothing_else(learned: Ran) -> None:
+    """SageMaker applies every regex to every line of the log, stdout and stderr alike."""
+    _, run = learned
+    for line in (run.stdout + run.stderr).splitlines():
+        scraped = {
+            d["Name"]: float(found[0])
+            for d in METRIC_DEFINITIONS
+            if (found := re.findall(d["Regex"], line))
+        }
+        if not line.endswith(";"):
+            assert scraped == {}, line
+            continue
+        # What the line says, read without the regexes: `[prefix] key=value ... key=value;`.
+        pairs = [word.split("=") for word in line.removesuffix(";").split() if "=" in word]
+        assert scraped == {key: float(value) for key, value in pairs}, line
+
+
+def test_the_artifact_loads_and_says_what_it_is(learned: Ran) -> None:
+    job, run = learned
     artifact = load_artifact(job.opt_ml.model_dir)
     assert artifact.classes == ["Affenpinscher", "Afghan hound", "Airedale terrier", "Akita"]
     meta = artifact.meta
@@ -45,7 +112,7 @@ def test_learns_and_writes_model_reports_checkpoint_and_metrics(job: Job) -> Non
     assert meta["preprocessing"]["resize_size"] == 73
     assert meta["best_epoch"] == run.metric("best_epoch")[0]
     assert meta["epochs_completed"] == 5
-    assert meta["metrics"]["val_acc"] == pytest.approx(val_acc[-1], abs=1e-6)
+    assert meta["metrics"]["val_acc"] == pytest.approx(run.metric("val_acc")[-1], abs=1e-6)
     assert set(meta["metrics"]) == {
         "val_acc",
         "val_loss",
@@ -58,12 +125,15 @@ def test_learns_and_writes_model_reports_checkpoint_and_metrics(job: Job) -> Non
     assert meta["pretrained_from"] == "random initialisation (pretrained=false)"
     assert meta["versions"]["torch"] == torch.__version__
 
-    # Evaluation report: per split, per class, confusion matrix, history, skipped files.
+
+def test_evaluation_report(learned: Ran) -> None:
+    """Per split, per class, confusion matrix, history, skipped files; and its HTML page."""
+    job, run = learned
     report = job.report("evaluation.json")
-    assert report["model_version"] == artifact.model_version
+    assert report["model_version"] == job.meta()["model_version"]
     assert set(report["splits"]) == {"valid", "test"}
     valid = report["splits"]["valid"]
-    assert valid["accuracy"] == pytest.approx(val_acc[-1], abs=1e-6)
+    assert valid["accuracy"] == pytest.approx(run.metric("val_acc")[-1], abs=1e-6)
     assert len(valid["per_class"]) == 4
     assert sum(map(sum, valid["confusion_matrix"])) == valid["images"] == 24
     assert sum(c["correct"] for c in valid["per_class"]) == round(valid["accuracy"] * 24)
@@ -74,7 +144,10 @@ def test_learns_and_writes_model_reports_checkpoint_and_metrics(job: Job) -> Non
     assert html.count("<img") >= 3  # curves, worst classes, confusion matrix
     assert "broken_000.jpg" in html
 
-    # Profile: per-epoch time split and throughput, machine samples, one HTML page.
+
+def test_profile(learned: Ran) -> None:
+    """Per-epoch time split and throughput, machine samples, one HTML page."""
+    job, _ = learned
     profile = job.report("profile.json")
     assert [e["epoch"] for e in profile["epochs"]] == [1, 2, 3, 4, 5]
     for epoch in profile["epochs"]:
@@ -88,82 +161,41 @@ def test_learns_and_writes_model_reports_checkpoint_and_metrics(job: Job) -> Non
     assert {"cpu_percent", "rss_mb", "gpu_percent"} <= set(profile["samples"][0])
     assert (job.opt_ml.output_data_dir / "profile.html").read_text().count("<img") >= 2
 
-    # A checkpoint of the finished run.
+
+def test_a_checkpoint_after_every_epoch_by_default(learned: Ran) -> None:
+    job, run = learned
+    saved = re.findall(r"Checkpoint saved after epoch (\d+)", run.stderr)
+    assert saved == ["1", "2", "3", "4", "5"]
     checkpoint = torch.load(job.base / "checkpoints" / CHECKPOINT_FILE, weights_only=True)
     assert (checkpoint["epoch"], checkpoint["step"]) == (5, 0)
 
 
-def test_a_finished_job_restarted_with_its_checkpoint_only_reports_again(job: Job) -> None:
-    first = job.run()
-    assert first.returncode == 0, first.stderr
-    model_version = job.meta()["model_version"]
-    (job.opt_ml.model_dir / "model.pt").unlink()  # a new job: /opt/ml/model starts empty
-
-    second = job.run()
-    assert second.returncode == 0, second.stderr
-    assert "Resuming from" in second.stderr
-    assert second.metric("epoch") == []  # nothing left to train
-    assert second.metric("val_acc") == first.metric("val_acc")[-1:]
-    assert job.meta()["model_version"] == model_version
+def test_no_tensorboard_without_its_config(learned: Ran) -> None:
+    job, _ = learned
+    assert not (job.opt_ml.output_dir / "tensorboard").exists()
 
 
-def test_bf16_and_fp32_both_train(job: Job) -> None:
-    for precision in ("off", "bf16"):
-        job.set_hyperparameters(FAST, mixed_precision=precision, epochs=1)
-        run = job.run()
-        assert run.returncode == 0, run.stderr
-        expected = "fp32" if precision == "off" else "bfloat16"
-        assert job.report("profile.json")["setup"]["precision"] == expected
-
-
-def test_adamw_step_schedule_frozen_epochs_and_resnet34(job: Job) -> None:
-    job.set_hyperparameters(
-        FAST,
-        arch="resnet34",
-        optimizer="AdamW",
-        lr=0.001,
-        lr_schedule="step",
-        lr_step_epochs=1,
-        frozen_epochs=1,
-        epochs=2,
-    )
-    run = job.run()
-    assert run.returncode == 0, run.stderr
-    assert "Epoch 1/2: 8 steps, backbone frozen" in run.stderr
-    assert "Epoch 2/2: 8 steps\n" in run.stderr + "\n"
+def test_adamw_step_schedule_frozen_first_epoch_resnet34_in_fp32(variant: Ran) -> None:
+    job, run = variant
+    assert "Epoch 1/2: 8 steps, backbone frozen\n" in run.stderr
+    assert "Epoch 2/2: 8 steps\n" in run.stderr
     assert job.meta()["arch"] == "resnet34"
     lrs = run.metric("lr")
-    assert lrs[1] < lrs[0]
+    assert lrs[1] == pytest.approx(lrs[0] * 0.1)  # lr_gamma after lr_step_epochs=1
+    assert job.report("profile.json")["setup"]["precision"] == "fp32"
 
 
-def test_frozen_backbone_with_fixed_inputs_trains_the_head_on_cached_features(job: Job) -> None:
-    job.set_hyperparameters(FAST, frozen_epochs=2, augment=False)
-    run = job.run()
-    assert run.returncode == 0, run.stderr
-    assert "Cached backbone features for the frozen epochs" in run.stderr
-    trained = load_artifact(job.opt_ml.model_dir).model.state_dict()
-    torch.manual_seed(FAST.get("seed", 42))
-    initial = build("resnet18", 4).state_dict()
-    changed = {k for k in initial if not torch.equal(initial[k], trained[k])}
-    # Only the head learned; the backbone, BatchNorm statistics included, is as initialised.
-    assert changed == {"fc.weight", "fc.bias"}
-
-
-def test_tensorboard_scalars_when_configured(job: Job) -> None:
-    board = job.opt_ml.output_dir / "tensorboard"
-    job.write_config(
-        "tensorboardoutputconfig.json",
-        {"LocalPath": "/opt/ml/output/tensorboard", "S3OutputPath": "s3://bucket/tb"},
-    )
-    run = job.run()
-    assert run.returncode == 0, run.stderr
-    events = EventAccumulator(str(board))
+def test_tensorboard_scalars_when_configured(variant: Ran) -> None:
+    job, run = variant
+    events = EventAccumulator(str(job.opt_ml.output_dir / "tensorboard"))
     events.Reload()
     assert {"train_loss", "val_loss", "val_acc", "lr"} <= set(events.Tags()["scalars"])
     val_acc = [(e.step, round(e.value, 6)) for e in events.Scalars("val_acc")]
-    assert val_acc == [(n, v) for n, v in zip((1, 2), run.metric("val_acc"), strict=False)]
+    assert val_acc == list(zip((1, 2), run.metric("val_acc"), strict=False))
 
 
-def test_no_tensorboard_without_its_config(job: Job) -> None:
-    assert job.run().returncode == 0
-    assert not (job.opt_ml.output_dir / "tensorboard").exists()
+def test_debugger_off_writes_no_tensors_despite_a_hook_config(variant: Ran) -> None:
+    """The same hook config with debugger=auto writes tensors (test_debugger.py)."""
+    job, run = variant
+    assert not _tensors(job).exists()
+    assert "SageMaker Debugger" not in run.stderr

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import time
 
 import psutil
@@ -12,7 +14,7 @@ from torch.utils.data import Dataset, DistributedSampler, get_worker_info
 
 from container.training.distributed import Rank
 from container.training.loader import LoaderSettings, train_batches
-from tests.conftest import FAST, Job, wait_for_line
+from tests.conftest import FAST, ROOT, Job, wait_for_line
 
 # Docker's default /dev/shm is 64 MB; this is smaller still, in a mount namespace of its own.
 SMALL_SHM = [
@@ -25,13 +27,35 @@ SMALL_SHM = [
 ]
 
 
-def test_small_shared_memory_means_fewer_workers_not_a_bus_error(job: Job) -> None:
+def test_small_shared_memory_means_fewer_workers_not_a_bus_error() -> None:
+    """The loader plan of a process that sees only that /dev/shm (no training needed)."""
     # 224 px batches of 8 are 1.2 MB of uint8; two in flight per worker do not fit in half of 4 MB.
-    job.set_hyperparameters(FAST, image_size=224, workers=2, epochs=1)
-    run = job.run(wrapper=SMALL_SHM)
+    code = """
+import logging
+from container.training.hardware import plan_hardware
+
+logging.basicConfig(level=logging.INFO)
+hardware = plan_hardware(
+    device_choice="cpu",
+    instance_type=None,
+    local_rank=0,
+    local_world_size=1,
+    precision="off",
+    workers=2,
+    batch_bytes=8 * 224 * 224 * 3,
+)
+print(hardware.workers)
+"""
+    run = subprocess.run(
+        [*SMALL_SHM, sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert run.returncode == 0, run.stderr
+    assert run.stdout == "0\n"
     assert "/dev/shm has 4 MB free, enough for 0 of 2 loader workers; using 0" in run.stderr
-    assert job.report("profile.json")["setup"]["loader_workers"] == 0
 
 
 def test_a_killed_loader_worker_does_not_end_the_epoch(job: Job) -> None:

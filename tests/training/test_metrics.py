@@ -8,8 +8,11 @@ import sys
 
 import pytest
 
-from container.training import METRIC_DEFINITIONS, OBJECTIVE_METRIC
-from container.training.metrics import METRIC_NAMES, format_line
+from container.training.metrics import (
+    METRIC_DEFINITIONS,
+    OBJECTIVE_METRIC,
+    format_line,
+)
 
 
 def _scrape(line: str) -> dict[str, float]:
@@ -60,8 +63,27 @@ def test_unknown_names_are_refused() -> None:
         format_line({"accuracy": 1.0})
 
 
-def test_every_name_has_a_definition() -> None:
-    assert [d["Name"] for d in METRIC_DEFINITIONS] == list(METRIC_NAMES)
+@pytest.mark.parametrize(
+    ("line", "scraped"),
+    [
+        ("epoch=3 lr=0.010000 val_acc=0.734210;", {"epoch": 3, "lr": 0.01, "val_acc": 0.73421}),
+        ("test test_loss=1.5e-05 test_top5=1.000000;", {"test_loss": 1.5e-05, "test_top5": 1}),
+        (
+            "final best_epoch=7 val_loss=0.5 val_acc=0.5;",
+            {"best_epoch": 7, "val_loss": 0.5, "val_acc": 0.5},
+        ),
+        # Log lines that name metrics without being metric lines.
+        ("INFO container.training.epochs: Epoch 3/5: 8 steps, backbone frozen", {}),
+        ("ConfigError: Hyperparameter lr='fast' is invalid", {}),
+        ("Invalid: Value error, frozen_epochs=5 exceeds epochs=2.", {}),  # not `epoch=`
+        ("Rule overfit fired at step 9: train_loss/val_loss ratio 0.2", {}),
+        ("my_val_acc=0.9 lr_gamma=0.1 train_acc_top=0.3", {}),  # names inside other names
+    ],
+)
+def test_what_the_regexes_scrape_from_hand_written_lines(
+    line: str, scraped: dict[str, float]
+) -> None:
+    assert _scrape(line) == scraped
 
 
 def test_the_regexes_import_without_torch() -> None:

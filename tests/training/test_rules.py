@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,6 @@ from torchvision.models import resnet18
 from container.decoding import Preprocessing, decode, eval_crop
 from container.images import normalize, to_uint8_hwc
 from container.model import build
-from container.sagemaker_env import OptMl
 from container.training.debugger import SAVE_INTERVAL
 from container.training.rule_recorder import RuleRecorder, gradient_interval
 from container.training.rules import (
@@ -33,7 +31,7 @@ from container.training.rules import (
     poor_weight_initialization,
     vanishing_gradient,
 )
-from tests.conftest import FAST, Job, TrainRun
+from tests.conftest import FAST, Job, NewJob, TrainRun
 
 RULES = [
     "loss_not_decreasing",
@@ -242,16 +240,13 @@ RunJob = Callable[..., tuple[Job, TrainRun]]
 
 
 @pytest.fixture(scope="module")
-def run_job(tmp_path_factory: pytest.TempPathFactory, dataset: Path) -> RunJob:
+def run_job(jobs: NewJob) -> RunJob:
     """Run `train` on a fresh /opt/ml tree (the shared dataset; train and valid channels)."""
 
     def run(
         name: str, hp: Mapping[str, Any], prepare: Callable[[Job], None] = lambda job: None
     ) -> tuple[Job, TrainRun]:
-        job = Job(OptMl(tmp_path_factory.mktemp(name)))
-        shutil.copytree(dataset, job.opt_ml.data_dir)
-        job.set_channels("train", "valid")
-        job.set_hyperparameters(FP32, **hp)
+        job = jobs(name, {**FP32, **hp}, ("train", "valid"))
         prepare(job)
         return job, job.run()
 
@@ -335,8 +330,9 @@ def test_badly_scaled_starting_weights(run_job: RunJob, dataset: Path, tmp_path:
     assert "layer4.1.conv2.weight" in verdicts["vanishing_gradient"]["message"]
 
 
-def test_a_loss_that_becomes_nan_stops_the_job_without_a_model(run_job: RunJob) -> None:
-    job, run = run_job("nan", {"epochs": 2, "lr": 10_000.0})
+def test_a_loss_that_becomes_nan_stops_every_process_without_a_model(run_job: RunJob) -> None:
+    """Two processes agree on the stop at the step the loss broke: none hangs in a collective."""
+    job, run = run_job("nan", {"epochs": 2, "lr": 10_000.0, "processes_per_host": 2})
     assert run.returncode == 1, run.stderr
     failure = job.failure()
     assert failure is not None, run.stderr
@@ -344,22 +340,12 @@ def test_a_loss_that_becomes_nan_stops_the_job_without_a_model(run_job: RunJob) 
     for advice in ("Lower lr (it is 10000)", "mixed_precision=off", "check the training data"):
         assert advice in failure
     assert "Traceback" not in failure
-    assert run.metric("epoch") == []  # stopped within the first epoch
-    assert not (job.opt_ml.model_dir / "model.pt").exists()
-    assert not (job.opt_ml.output_data_dir / "evaluation.json").exists()
-    assert "exploding_tensor" in _fired(run)  # the gradients of the step that broke
-
-
-def test_every_process_stops_at_the_nan(run_job: RunJob) -> None:
-    """Two processes agree on the stop at the step the loss broke: none hangs in a collective."""
-    job, run = run_job("nan_ddp", {"epochs": 2, "lr": 10_000.0, "processes_per_host": 2})
-    assert run.returncode == 1, run.stderr
-    failure = job.failure()
-    assert failure is not None, run.stderr
-    assert failure.startswith("DivergenceError: the training loss became")
     stopped = re.findall(
         r"ERROR \[rank (\d)\] .* the training loss became .* at step (\d+)", run.stderr
     )
     assert sorted(rank for rank, _ in stopped) == ["0", "1"]
     assert len({step for _, step in stopped}) == 1  # the same step on both
+    assert run.metric("epoch") == []  # stopped within the first epoch
     assert not (job.opt_ml.model_dir / "model.pt").exists()
+    assert not (job.opt_ml.output_data_dir / "evaluation.json").exists()
+    assert "exploding_tensor" in _fired(run)  # the gradients of the step that broke
