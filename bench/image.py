@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from bench._cli import add_output_argument, command, log_to_stderr, work_in
 from bench._markdown import replace_section, table
 from bench._report import machine
 from bench._runs import REPO, host_cores
+from bench._serve_servers import free_ports
 from container.model import WEIGHTS_FILE
 from container.sagemaker_env import OptMl
 from container.sample_data import SampleSpec, make_opt_ml
@@ -204,16 +204,10 @@ def _serving_trees(model_dir: Path, work: Path) -> dict[str, Path]:
     return dict(zip(_LAYOUTS, (flat.base, tarred.base), strict=True))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _cold_start(image: str, layout: str, opt_ml: Path, run: int) -> ColdStart:
     """`docker run --detach ... serve`, then GET /ping every 50 ms until it says 200."""
     cores = host_cores()
-    port = _free_port()
+    (port,) = free_ports(1)
     name = f"bench-image-{os.getpid()}-{port}"
     url = f"http://127.0.0.1:{port}/ping"
     started = time.monotonic()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from container.class_names import class_name
-from container.quickstart import DOG_HYPERPARAMETERS, prepare
+from container.quickstart import DEMO_HYPERPARAMETERS, DOG_HYPERPARAMETERS, prepare
 from container.sagemaker_env import OptMl, encode_hyperparameters, read_hyperparameters
 from container.training.hyperparameters import Hyperparameters
 from tests.conftest import ROOT, free_port
@@ -35,8 +35,12 @@ def _quickstart(log: Path, *args: str) -> Server:
 
 def test_from_nothing_to_a_served_demo_model_and_back_without_retraining(tmp_path: Path) -> None:
     opt_ml = tmp_path / "opt_ml"
-    server = _quickstart(tmp_path / "first.log", "--opt-ml", str(opt_ml))
+    # Two of the demo's epochs: the flow is the subject here, not how well the demo model learns.
+    quick = ("--opt-ml", str(opt_ml), "--hyperparameters", '{"epochs": 2}')
+    server = _quickstart(tmp_path / "first.log", *quick)
     server.wait_until(200, timeout=900)
+    written = json.loads(OptMl(opt_ml).hyperparameters_file.read_text())
+    assert written == encode_hyperparameters({**DEMO_HYPERPARAMETERS, "epochs": 2})
     hint = re.search(r"Try: curl --data-binary @(\S+) -H 'Content-Type: image/jpeg'", server.logs())
     assert hint is not None, server.logs()
     response = server.post(Path(hint.group(1)).read_bytes())
