@@ -9,7 +9,7 @@ import sys
 
 from container.sagemaker_env import OptMl, write_failure
 from container.training import distributed, job
-from container.training.errors import TrainingError
+from container.training.errors import TrainingError, failure_text
 from container.training.settings import read_settings
 
 logger = logging.getLogger("container.training")
@@ -24,7 +24,7 @@ def main() -> int:
         settings = read_settings(os.environ)
     except TrainingError as exc:
         logger.error("%s", exc)
-        write_failure(OptMl.from_environ(os.environ), f"{type(exc).__name__}: {exc}")
+        write_failure(OptMl.from_environ(os.environ), failure_text(exc))
         return 1
     return distributed.run(settings.world, functools.partial(job.run_process, settings))
 

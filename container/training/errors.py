@@ -6,6 +6,8 @@ their message's first line says what to fix. Anything else that escapes is an in
 
 from __future__ import annotations
 
+import traceback
+
 __all__ = [
     "ConfigError",
     "DataError",
@@ -13,6 +15,7 @@ __all__ = [
     "ResourceError",
     "TrainingError",
     "WeightsError",
+    "failure_text",
 ]
 
 
@@ -40,3 +43,16 @@ class ResourceError(TrainingError):
 class DivergenceError(TrainingError):
     """Raised when the training loss, the validation loss or the weights become NaN or infinite:
     training does not recover from that, so the job stops at once and ships no model."""
+
+
+def failure_text(exc: BaseException) -> str:
+    """What /opt/ml/output/failure says about `exc`: `Name: message` for a user-fixable error;
+    for anything else, that it is a bug in the image, with the traceback's tail."""
+    if isinstance(exc, TrainingError):
+        return f"{type(exc).__name__}: {exc}"
+    tail = "".join(traceback.format_exception(exc)[-3:])
+    return (
+        f"InternalError: {type(exc).__name__}: {exc}\n"
+        "This is a bug in the training image, not in your data or settings; the job log has the "
+        f"traceback.\n{tail}"
+    )

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import random
-import traceback
 from typing import Any
 
 import numpy as np
@@ -24,9 +23,10 @@ from container.training.checkpoint import load_checkpoint, restore, save_checkpo
 from container.training.data import build_splits, find_images, probe_images
 from container.training.distributed import Rank
 from container.training.epochs import evaluate_best, train_epochs, write_model
-from container.training.errors import TrainingError, WeightsError
+from container.training.errors import TrainingError, WeightsError, failure_text
 from container.training.hardware import plan_hardware
 from container.training.loader import LoaderSettings, steps_per_epoch
+from container.training.loop import EvalResult
 from container.training.optim import build_optimizer, build_scheduler
 from container.training.pretrained import find_pretrained
 from container.training.profiler import Profiler
@@ -176,21 +176,31 @@ def _run(settings: TrainSettings, rank: Rank, stop: StopRequest) -> None:
         parts.profiler.stop()
     if not finished:
         if rank.is_main:
-            # Stopped in the step that broke the weights: neither checkpoint nor model of them.
-            step = state.epoch * parts.steps_per_epoch + state.step
-            check_finite_weights(parts.model.state_dict(), step, settings.hp.lr, parts.hw.precision)
-            save_checkpoint(settings.checkpoint_dir, snapshot(parts, state))
-            write_model(parts, state, {"val_acc": state.best.val_acc} if state.best else {})
-            logger.warning(
-                "Stopped in epoch %d at step %d: checkpoint and model saved",
-                state.epoch + 1,
-                state.step,
-            )
+            _save_stopped(parts, state)
         return
-
     results = evaluate_best(parts, state)
-    if not rank.is_main:
-        return
+    if rank.is_main:
+        _finish(parts, state, results, recorder)
+
+
+def _save_stopped(parts: Parts, state: RunState) -> None:
+    """Stopped by a signal (rank 0): a checkpoint to resume from and the best model so far."""
+    # Stopped in the step that broke the weights: neither checkpoint nor model of them.
+    step = state.epoch * parts.steps_per_epoch + state.step
+    check_finite_weights(parts.model.state_dict(), step, parts.settings.hp.lr, parts.hw.precision)
+    save_checkpoint(parts.settings.checkpoint_dir, snapshot(parts, state))
+    write_model(parts, state, {"val_acc": state.best.val_acc} if state.best else {})
+    logger.warning(
+        "Stopped in epoch %d at step %d: checkpoint and model saved", state.epoch + 1, state.step
+    )
+
+
+def _finish(
+    parts: Parts, state: RunState, results: dict[str, EvalResult], recorder: RuleRecorder | None
+) -> None:
+    """After the last epoch (rank 0): the model of the best epoch with its final metrics, the
+    evaluation and profile reports, and the last metric lines."""
+    settings = parts.settings
     best_epoch = state.best.epoch if state.best else None
     final: dict[str, float] = {}
     for name, result in results.items():
@@ -223,17 +233,6 @@ def _run(settings: TrainSettings, rank: Rank, stop: StopRequest) -> None:
     metrics.print_line({"best_epoch": best_epoch or 0, **summary}, prefix="final")
 
 
-def _failure_text(exc: BaseException) -> str:
-    if isinstance(exc, TrainingError):
-        return f"{type(exc).__name__}: {exc}"
-    tail = "".join(traceback.format_exception(exc)[-3:])
-    return (
-        f"InternalError: {type(exc).__name__}: {exc}\n"
-        "This is a bug in the training image, not in your data or settings; the job log has the "
-        f"traceback.\n{tail}"
-    )
-
-
 def configure_logging(rank: Rank) -> None:
     # Other ranks log warnings only, so the job log reads as one process's story.
     logging.basicConfig(
@@ -258,7 +257,7 @@ def run_process(settings: TrainSettings, local_rank: int) -> int:
         else:
             logger.exception("Training failed")
         if rank.is_main:
-            write_failure(settings.opt_ml, _failure_text(exc))
+            write_failure(settings.opt_ml, failure_text(exc))
         return 1
     finally:
         distributed.leave()

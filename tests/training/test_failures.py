@@ -18,7 +18,7 @@ import torch
 
 from container.sagemaker_env import OptMl
 from container.training.checkpoint import save_checkpoint
-from container.training.errors import ConfigError, ResourceError
+from container.training.errors import ConfigError, ResourceError, failure_text
 from container.training.settings import read_settings
 from tests.conftest import FAST, Job, fails_with
 
@@ -105,3 +105,23 @@ def test_no_space_for_checkpoints(tiny_disk: Path) -> None:
     )
     assert "VolumeSizeInGB" in message
     assert list(tiny_disk.iterdir()) == []  # no half-written checkpoint left behind
+
+
+def test_the_failure_file_tells_a_user_error_from_a_bug() -> None:
+    """A user-fixable error is `Name: message`; anything else says it is the image's bug, with
+    the end of its traceback (the file SageMaker shows as the job's FailureReason)."""
+    assert failure_text(ConfigError("Hyperparameter lr='fast' is invalid")) == (
+        "ConfigError: Hyperparameter lr='fast' is invalid"
+    )
+
+    def broken() -> None:
+        raise KeyError("num_classes")
+
+    try:
+        broken()
+    except KeyError as exc:
+        text = failure_text(exc)
+    first, second, *tail = text.splitlines()
+    assert first == "InternalError: KeyError: 'num_classes'"
+    assert second.startswith("This is a bug in the training image, not in your data or settings")
+    assert 'raise KeyError("num_classes")' in "\n".join(tail)
