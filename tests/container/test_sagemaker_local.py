@@ -117,7 +117,14 @@ def _test_jpegs(dataset: Path, count: int) -> list[Path]:
 
 def test_deploy_and_predict_jpeg_bytes(model: Model, session: LocalSession, dataset: Path) -> None:
     with sdk_leaks_pipes():
-        model.deploy(initial_instance_count=1, instance_type="local", endpoint_name="local-dog")
+        # Local mode's create_endpoint returns once the container's /ping says 200 (it polls it
+        # itself); wait=True would then sleep 30 s before its first DescribeEndpoint.
+        model.deploy(
+            initial_instance_count=1,
+            instance_type="local",
+            endpoint_name="local-dog",
+            wait=False,
+        )
     predictor = Predictor(
         "local-dog",
         sagemaker_session=session,
