@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 
 from matplotlib.figure import Figure
 
-__all__ = ["figure", "note", "page", "paragraph", "png", "section", "table"]
+__all__ = ["Html", "figure", "note", "page", "paragraph", "png", "section", "table"]
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
@@ -23,6 +23,32 @@ table { border-collapse: collapse; margin: 0.5em 0; font-size: 0.9em; }
 th, td { border: 1px solid #ddd; padding: 0.25em 0.6em; text-align: left; }
 th { background: #f4f4f4; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 img { max-width: 100%; } .note { color: #666; font-size: 0.9em; }
+table.sortable th { cursor: pointer; }
+"""
+
+# Click a header of a table.sortable: its rows sort by that column (numbers as numbers, empty
+# cells last), and a second click reverses the order.
+_SORT_SCRIPT = """
+document.querySelectorAll("table.sortable th").forEach((th) => {
+  th.addEventListener("click", () => {
+    const body = th.closest("table").tBodies[0];
+    const descending = th.dataset.order !== "desc";
+    th.dataset.order = descending ? "desc" : "asc";
+    const key = (row) => {
+      const text = row.cells[th.cellIndex].textContent.trim();
+      const number = parseFloat(text);
+      return text === "" ? null : isNaN(number) ? text : number;
+    };
+    const rows = Array.from(body.rows).sort((a, b) => {
+      const x = key(a), y = key(b);
+      if (x === null || y === null) return (x === null) - (y === null);
+      const numbers = typeof x === "number" && typeof y === "number";
+      const order = numbers ? x - y : String(x).localeCompare(String(y));
+      return descending ? -order : order;
+    });
+    rows.forEach((row) => body.appendChild(row));
+  });
+});
 """
 
 
@@ -44,7 +70,13 @@ def figure(fig: Figure, alt: str) -> str:
     return png(buffer.getvalue(), alt)
 
 
+class Html(str):
+    """A table cell's content that is HTML already (an image): written as is, not escaped."""
+
+
 def _cell(value: object) -> str:
+    if isinstance(value, Html):
+        return f"<td>{value}</td>"
     if isinstance(value, float):
         return f'<td class="num">{value:.4f}</td>'
     if isinstance(value, int):
@@ -52,11 +84,13 @@ def _cell(value: object) -> str:
     return f"<td>{_text('' if value is None else str(value))}</td>"
 
 
-def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
-    """A table; numbers are right-aligned, floats shown to 4 decimals, text escaped."""
+def table(headers: Sequence[str], rows: Iterable[Sequence[object]], sortable: bool = False) -> str:
+    """A table; numbers are right-aligned, floats shown to 4 decimals, text escaped. A sortable
+    one sorts by a column when its header is clicked (again: the other way)."""
     head = "".join(f"<th>{_text(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    kind = ' class="sortable"' if sortable else ""
+    return f"<table{kind}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def section(title: str, *parts: str) -> str:
@@ -78,5 +112,5 @@ def page(title: str, *sections: str, style: str = "") -> str:
         f'<!doctype html><html><head><meta charset="utf-8"><title>{_text(title)}</title>'
         f"<style>{_STYLE}{style}</style></head><body><h1>{_text(title)}</h1>"
         + "".join(sections)
-        + "</body></html>"
+        + f"<script>{_SORT_SCRIPT}</script></body></html>"
     )

@@ -4,8 +4,11 @@ The artifact is a flat directory (SageMaker tars it into model.tar.gz as is):
 
 - `model.pt`: a plain state_dict (tensors only; loaded with `weights_only=True`, no pickled code);
 - `classes.json`: the class names, index i naming output i;
+- `feature_stats.pt` (when trained with calibration): the feature statistics of the abstention
+  policy's `mahalanobis` score, tensors only, like model.pt;
 - `model_meta.json`: architecture, preprocessing, metrics, versions and `model_version`, a content
-  hash of the weights, written last so that a complete meta means a complete artifact.
+  hash of the weights, the abstention policy, written last so that a complete meta means a
+  complete artifact.
 """
 
 from __future__ import annotations
@@ -22,12 +25,14 @@ import torch
 from torch import nn
 from torchvision import models
 
+from container.abstention import FeatureGaussian, Policy
 from container.atomic import write_atomically, write_text_atomically
 from container.decoding import Preprocessing
 
 __all__ = [
     "ARCHITECTURES",
     "CLASSES_FILE",
+    "FEATURE_STATS_FILE",
     "META_FILE",
     "WEIGHTS_FILE",
     "Artifact",
@@ -42,6 +47,7 @@ __all__ = [
 WEIGHTS_FILE = "model.pt"
 CLASSES_FILE = "classes.json"
 META_FILE = "model_meta.json"
+FEATURE_STATS_FILE = "feature_stats.pt"
 FORMAT_VERSION = 1
 
 ARCHITECTURES: dict[str, Callable[..., models.ResNet]] = {
@@ -97,6 +103,7 @@ class Artifact:
     model: nn.Module
     classes: list[str]
     meta: dict[str, Any]
+    feature_stats: dict[str, torch.Tensor] | None = None
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -105,6 +112,12 @@ class Artifact:
     @property
     def model_version(self) -> str:
         return str(self.meta["model_version"])
+
+    @property
+    def policy(self) -> Policy:
+        """Its calibration and abstention policy (the neutral one for older artifacts)."""
+        stats = self.feature_stats
+        return Policy.from_meta(self.meta, FeatureGaussian.from_tensors(stats) if stats else None)
 
 
 def _sha256(path: Path) -> str:
@@ -123,9 +136,16 @@ def save_artifact(
     classes: list[str],
     preprocessing: Preprocessing,
     extra_meta: Mapping[str, Any],
+    feature_stats: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Write the artifact into `model_dir` (each file atomically) and return its metadata."""
     model_dir.mkdir(parents=True, exist_ok=True)
+    stats_file = model_dir / FEATURE_STATS_FILE
+    if feature_stats is not None:
+        stats = {k: v.detach().cpu() for k, v in feature_stats.items()}
+        write_atomically(stats_file, lambda p: torch.save(stats, p))
+    else:
+        stats_file.unlink(missing_ok=True)  # an earlier write's, no longer this model's
     weights = model_dir / WEIGHTS_FILE
     cpu_state = {k: v.detach().cpu() for k, v in state_dict.items()}
     write_atomically(weights, lambda p: torch.save(cpu_state, p))
@@ -165,10 +185,19 @@ def load_artifact(model_dir: Path, device: torch.device | str = "cpu") -> Artifa
             f"{model_dir}: arch {meta.get('arch')!r} with {len(classes)} classes in "
             f"{CLASSES_FILE} but num_classes={meta.get('num_classes')!r} in {META_FILE}"
         )
-    model = build(meta["arch"], len(classes))
+    # One more output than classes when it was trained with "none of these" (abstention.py).
+    model = build(meta["arch"], len(classes) + Policy.from_meta(meta).unknown_output)
     try:
         state = torch.load(model_dir / WEIGHTS_FILE, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as exc:
         raise ArtifactError(f"{model_dir / WEIGHTS_FILE} does not load: {exc}") from exc
-    return Artifact(model=model.to(device).eval(), classes=classes, meta=meta)
+    stats = None
+    if (model_dir / FEATURE_STATS_FILE).is_file():
+        try:
+            stats = torch.load(
+                model_dir / FEATURE_STATS_FILE, map_location="cpu", weights_only=True
+            )
+        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as exc:
+            raise ArtifactError(f"{model_dir / FEATURE_STATS_FILE} does not load: {exc}") from exc
+    return Artifact(model=model.to(device).eval(), classes=classes, meta=meta, feature_stats=stats)

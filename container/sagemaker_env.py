@@ -31,6 +31,7 @@ __all__ = [
     "PROFILE_HTML",
     "PROFILE_JSON",
     "REQUIRED_CHANNELS",
+    "UNKNOWN_CHANNEL",
     "Channel",
     "ConfigFileError",
     "HyperparameterSchema",
@@ -269,6 +270,9 @@ OPTIONAL_CHANNELS = ("test",)
 DATA_CHANNELS = (*REQUIRED_CHANNELS, *OPTIONAL_CHANNELS)
 """The dataset's channels, in the order `launch` uploads and names them."""
 PRETRAINED_CHANNEL = "pretrained"
+UNKNOWN_CHANNEL = "unknown"
+"""Images of none of the classes (any folders): for the abstention threshold, and trained on as
+"none of these" with `train_unknown=true`."""
 """Starting weights (a state_dict file or model.tar.gz) instead of the image's baked ones."""
 
 InputMode = Literal["File", "FastFile", "Pipe"]

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from container.abstention import Override, Policy
 from container.class_names import class_name
 from container.decoding import Preprocessing
 from container.model import (
@@ -77,8 +78,11 @@ def test_an_older_artifact_still_loads_and_serves(tmp_path: Path) -> None:
     meta_file.write_text(json.dumps(meta))
     predictor = load_predictor(tmp_path, tmp_path / "scratch", "cpu", "fp32", False, 1)
     assert predictor.prep == Preprocessing.for_image_size(64)
-    [probabilities] = predictor.predict([torch.zeros(64, 64, 3, dtype=torch.uint8)])
-    assert probabilities.shape == (3,)
+    [outputs] = predictor.predict([torch.zeros(64, 64, 3, dtype=torch.uint8)])
+    answer = predictor.answer(outputs, Override())
+    assert answer.probabilities.shape == (3,)
+    assert not answer.abstained  # no calibration, no threshold: it answers as it always did
+    assert predictor.policy == Policy()
 
 
 def test_model_version_is_a_content_hash(tmp_path: Path) -> None:

@@ -5,6 +5,10 @@ Each channel is a folder of class folders (`001.Affenpinscher/*.jpg`). A channel
 `dogImages/valid`, ...) is entered at the channel's own split, so the dataset archive can be
 uploaded as is. Class indices come from the training channel; every image is probe-decoded once
 so unreadable files are skipped and reported up front, not discovered mid-epoch.
+
+The optional `unknown` channel holds images of none of the classes, in any folders. It is held out
+to set and measure abstention; with `train_unknown=true` two thirds of it (every image but each
+third, by sorted path) train one more output, "none of these", whose index is the class count.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import logging
 import os
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -28,6 +32,7 @@ from container.sagemaker_env import (
     OPTIONAL_CHANNELS,
     PRETRAINED_CHANNEL,
     REQUIRED_CHANNELS,
+    UNKNOWN_CHANNEL,
     Channel,
 )
 from container.training.errors import DataError
@@ -73,12 +78,20 @@ class ImageSet:
 
 @dataclass(frozen=True)
 class DatasetSplits:
-    """Train, valid and optional test sets sharing one class index."""
+    """Train, valid and optional test sets sharing one class index; the held-out unknown images
+    (labelled with the index after the classes), and whether the network has that output."""
 
     class_folders: tuple[str, ...]
     train: ImageSet
     valid: ImageSet
     test: ImageSet | None
+    unknown: ImageSet | None = None
+    unknown_output: bool = False
+
+    @property
+    def outputs(self) -> int:
+        """The network's outputs: one per class, and "none of these" with `unknown_output`."""
+        return len(self.class_folders) + self.unknown_output
 
     @property
     def classes(self) -> list[str]:
@@ -86,7 +99,13 @@ class DatasetSplits:
 
     @property
     def sets(self) -> list[ImageSet]:
+        """Train, valid and test (when given)."""
         return [s for s in (self.train, self.valid, self.test) if s is not None]
+
+    @property
+    def channels(self) -> list[ImageSet]:
+        """Every channel's images: the sets and the held-out unknown images."""
+        return self.sets + ([self.unknown] if self.unknown is not None else [])
 
 
 class ImageFolderDataset(Dataset[tuple[torch.Tensor, int]]):
@@ -203,6 +222,7 @@ class FoundImages:
     class_folders: tuple[str, ...]
     roots: dict[str, Path]
     files: dict[str, dict[str, list[Path]]]
+    unknown: list[Path]
 
 
 def find_images(channels: dict[str, Channel], scratch: Path) -> FoundImages:
@@ -214,10 +234,10 @@ def find_images(channels: dict[str, Channel], scratch: Path) -> FoundImages:
                 f"give it {list(REQUIRED_CHANNELS)} (and optionally {list(OPTIONAL_CHANNELS)}), "
                 "each an ImageFolder tree"
             )
-    known = {*DATA_CHANNELS, PRETRAINED_CHANNEL}
+    known = {*DATA_CHANNELS, PRETRAINED_CHANNEL, UNKNOWN_CHANNEL}
     if unused := sorted(set(channels) - known):
         logger.warning("Ignoring channels %s", unused)
-    used = [channels[name] for name in DATA_CHANNELS if name in channels]
+    used = [channels[name] for name in (*DATA_CHANNELS, UNKNOWN_CHANNEL) if name in channels]
     for channel in used:
         if channel.input_mode == "Pipe":
             raise DataError(
@@ -230,7 +250,8 @@ def find_images(channels: dict[str, Channel], scratch: Path) -> FoundImages:
                 "FullyReplicated: distributed training shards the data itself"
             )
     roots = {channel.name: _channel_root(channel, scratch) for channel in used}
-    files = {name: _class_images(root) for name, root in roots.items()}
+    unknown_images = _unknown_images(roots[UNKNOWN_CHANNEL]) if UNKNOWN_CHANNEL in roots else []
+    files = {name: _class_images(root) for name, root in roots.items() if name != UNKNOWN_CHANNEL}
     for name, by_class in files.items():
         if not by_class:
             raise DataError(
@@ -251,7 +272,22 @@ def find_images(channels: dict[str, Channel], scratch: Path) -> FoundImages:
                 f"channel {name!r} has class folders that 'train' lacks: "
                 f"{', '.join(unknown[:5])}; every class must have training images"
             )
-    return FoundImages(class_folders=folders, roots=roots, files=files)
+    return FoundImages(class_folders=folders, roots=roots, files=files, unknown=unknown_images)
+
+
+def _unknown_images(root: Path) -> list[Path]:
+    images = sorted(
+        Path(dirpath) / name
+        for dirpath, _, names in os.walk(root, followlinks=False)
+        for name in names
+        if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
+    )
+    if not images:
+        raise DataError(
+            f"channel {UNKNOWN_CHANNEL!r} has no images under {root}: give it images of things "
+            "that are none of the classes, or leave the channel out"
+        )
+    return images
 
 
 def _probe(path: Path) -> BadImage | None:
@@ -269,15 +305,14 @@ def _reason(exc: ImageDecodeError) -> str:
 
 def probe_images(found: FoundImages, threads: int) -> dict[str, list[BadImage]]:
     """Decode every image once, cheaply, and return the unreadable ones per channel."""
+    files = {name: _all_files(by_class) for name, by_class in found.files.items()}
+    if found.unknown:
+        files[UNKNOWN_CHANNEL] = found.unknown
     # Pillow releases the GIL while decoding, so threads use every core.
     with ThreadPoolExecutor(max_workers=threads) as pool:
         return {
-            name: [
-                bad
-                for bad in pool.map(_probe, _all_files(by_class), chunksize=16)
-                if bad is not None
-            ]
-            for name, by_class in found.files.items()
+            name: [bad for bad in pool.map(_probe, paths, chunksize=16) if bad is not None]
+            for name, paths in files.items()
         }
 
 
@@ -285,30 +320,52 @@ def _all_files(by_class: dict[str, list[Path]]) -> list[Path]:
     return [path for paths in by_class.values() for path in paths]
 
 
+def _readable(
+    name: str, labelled: list[tuple[Path, int]], bad: dict[str, list[BadImage]], max_bad: float
+) -> tuple[tuple[tuple[str, int], ...], tuple[BadImage, ...]]:
+    skipped = bad.get(name, [])
+    if len(skipped) > max_bad * len(labelled):
+        listed = ", ".join(b.path for b in skipped[:5])
+        raise DataError(
+            f"channel {name!r}: {len(skipped)} of {len(labelled)} images are unreadable, more "
+            f"than max_bad_images={max_bad:g} allows; fix or remove them: {listed}"
+        )
+    skip = {b.path for b in skipped}
+    samples = tuple((str(path), label) for path, label in labelled if str(path) not in skip)
+    return samples, tuple(skipped)
+
+
 def build_splits(
-    found: FoundImages, bad: dict[str, list[BadImage]], max_bad: float
+    found: FoundImages, bad: dict[str, list[BadImage]], max_bad: float, train_unknown: bool
 ) -> DatasetSplits:
-    """Index the readable images; fail when a channel has more unreadable ones than allowed."""
+    """Index the readable images; fail when a channel has more unreadable ones than allowed.
+    `train_unknown` moves two thirds of the unknown images into train, as one more class."""
     index = {folder: i for i, folder in enumerate(found.class_folders)}
     sets: dict[str, ImageSet] = {}
     for name, by_class in found.files.items():
-        total = len(_all_files(by_class))
-        skipped = bad.get(name, [])
-        if len(skipped) > max_bad * total:
-            listed = ", ".join(b.path for b in skipped[:5])
+        labelled = [(path, index[folder]) for folder, paths in by_class.items() for path in paths]
+        samples, skipped = _readable(name, labelled, bad, max_bad)
+        sets[name] = ImageSet(name, found.roots[name], samples, skipped)
+    if not found.unknown:
+        if train_unknown:
             raise DataError(
-                f"channel {name!r}: {len(skipped)} of {total} images are unreadable, more than "
-                f"max_bad_images={max_bad:g} allows; fix or remove them: {listed}"
+                f"train_unknown=true needs an {UNKNOWN_CHANNEL!r} channel of images that are "
+                "none of the classes; add one or set train_unknown=false"
             )
-        skip = {b.path for b in skipped}
-        samples = tuple(
-            (str(path), index[folder])
-            for folder, paths in by_class.items()
-            for path in paths
-            if str(path) not in skip
-        )
-        sets[name] = ImageSet(name, found.roots[name], samples, tuple(skipped))
-    return DatasetSplits(found.class_folders, sets["train"], sets["valid"], sets.get("test"))
+        return DatasetSplits(found.class_folders, sets["train"], sets["valid"], sets.get("test"))
+    none_of_these = len(found.class_folders)
+    samples, skipped = _readable(
+        UNKNOWN_CHANNEL, [(p, none_of_these) for p in found.unknown], bad, max_bad
+    )
+    held_out, train = samples, sets["train"]
+    if train_unknown:
+        held_out = samples[::3]
+        trained_on = [s for i, s in enumerate(samples) if i % 3]
+        train = replace(train, samples=train.samples + tuple(trained_on))
+    unknown = ImageSet(UNKNOWN_CHANNEL, found.roots[UNKNOWN_CHANNEL], held_out, skipped)
+    return DatasetSplits(
+        found.class_folders, train, sets["valid"], sets.get("test"), unknown, train_unknown
+    )
 
 
 def _check_names(folders: Iterable[str]) -> None:

@@ -232,3 +232,20 @@ def broadcast_object(obj: T | None, rank: Rank) -> T:
     box: list[Any] = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]  # type: ignore[no-any-return]
+
+
+def gather_shards(tensors: tuple[torch.Tensor, ...], rank: Rank) -> tuple[torch.Tensor, ...]:
+    """Whole-set tensors, in the set's order, from each process's `eval_batches` share (process
+    r holds items r, r + world, r + 2 * world, ...): every process gets them all, on the CPU."""
+    if not rank.distributed:
+        return tensors
+    shards: list[Any] = [None] * rank.world_size
+    dist.all_gather_object(shards, tuple(t.cpu() for t in tensors))
+    total = sum(len(shard[0]) for shard in shards)
+    gathered = []
+    for i, first in enumerate(tensors):
+        whole = torch.empty((total, *first.shape[1:]), dtype=first.dtype)
+        for r, shard in enumerate(shards):
+            whole[r :: rank.world_size] = shard[i]
+        gathered.append(whole)
+    return tuple(gathered)

@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, TensorDataset
 
+from container.abstention import Policy
 from container.images import normalize
 from container.model import backbone, save_artifact
 from container.training import distributed, metrics
@@ -113,16 +114,7 @@ def _gather_features(
     features, labels = extract_features(
         backbone(parts.model), _evaluation_batches(parts, dataset), _prepare_images(parts), parts.hw
     )
-    if not parts.rank.distributed:
-        return features, labels
-    shards: list[Any] = [None] * parts.rank.world_size
-    torch.distributed.all_gather_object(shards, (features, labels))
-    # Process r holds items r, r + world, r + 2 * world, ...: interleave them back into order.
-    full_features = torch.empty(len(dataset), features.shape[1])
-    full_labels = torch.empty(len(dataset), dtype=labels.dtype)
-    for r, (f, lab) in enumerate(shards):
-        full_features[r :: parts.rank.world_size] = f
-        full_labels[r :: parts.rank.world_size] = lab
+    full_features, full_labels = distributed.gather_shards((features, labels), parts.rank)
     return full_features, full_labels
 
 
@@ -211,7 +203,7 @@ def _epoch(
             _evaluation_batches(parts, valid_set),
             prepare,
             criterion=parts.criterion,
-            num_classes=len(parts.splits.class_folders),
+            num_classes=parts.splits.outputs,
             hw=parts.hw,
             rank=rank,
         )
@@ -231,8 +223,11 @@ def _versions() -> dict[str, str]:
     }
 
 
-def write_model(parts: Parts, state: RunState, metrics_: dict[str, Any]) -> dict[str, Any]:
-    """The artifact of the best model so far (or the current one if no epoch completed)."""
+def write_model(
+    parts: Parts, state: RunState, metrics_: dict[str, Any], policy: Policy | None = None
+) -> dict[str, Any]:
+    """The artifact of the best model so far (or the current one if no epoch completed); the
+    final one carries its calibration and abstention `policy`."""
     best = state.best
     weights = best.state_dict if best is not None else parts.model.state_dict()
     settings = parts.settings
@@ -254,7 +249,9 @@ def write_model(parts: Parts, state: RunState, metrics_: dict[str, Any]) -> dict
             "training_job_name": settings.job_name,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "versions": _versions(),
+            **({"abstention": policy.to_meta()} if policy is not None else {}),
         },
+        feature_stats=policy.gaussian.to_tensors() if policy and policy.gaussian else None,
     )
 
 
@@ -371,8 +368,9 @@ def evaluate_best(parts: Parts, state: RunState) -> dict[str, EvalResult]:
             _evaluation_batches(parts, _images(parts, image_set.channel)),
             _prepare_images(parts),
             criterion=parts.criterion,
-            num_classes=len(parts.splits.class_folders),
+            num_classes=parts.splits.outputs,
             hw=parts.hw,
             rank=parts.rank,
+            keep_outputs=True,
         )
     return results

@@ -112,6 +112,27 @@ class Hyperparameters(HyperparameterSchema):
         "reaches S3 in output.tar.gz; a debughookconfig.json, when present, decides instead.",
     )
 
+    abstain_rate: float = Field(
+        0.05,
+        ge=0,
+        lt=1,
+        description="The most validation images (of the classes) the served model may decline to "
+        "label: sets the abstention threshold. With an `unknown` channel the threshold may be "
+        "lower, where that separates the unknown images better.",
+    )
+    abstain_accuracy: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Instead of `abstain_rate`: the accuracy wanted on the answers given; the "
+        "threshold that reaches it on valid with the most answers (else `abstain_rate`).",
+    )
+    train_unknown: bool = Field(
+        False,
+        description='Train one more output, "none of these", on two thirds of the `unknown` '
+        "channel; the server reports it as an abstention, never as a label.",
+    )
+
     @model_validator(mode="after")
     def _check_ranges(self) -> Hyperparameters:
         if self.frozen_epochs > self.epochs:

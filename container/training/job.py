@@ -38,6 +38,7 @@ from container.training.rule_recorder import (
 )
 from container.training.settings import TrainSettings
 from container.training.state import Parts, RunState, StopRequest
+from container.training.trust import assess
 
 __all__ = ["run_process"]
 
@@ -89,13 +90,15 @@ def _build(settings: TrainSettings, rank: Rank) -> Parts:
     )
     found = find_images(settings.channels, settings.scratch_dir)
     bad = probe_images(found, hw.threads) if rank.is_main else None
-    splits = build_splits(found, distributed.broadcast_object(bad, rank), hp.max_bad_images)
+    splits = build_splits(
+        found, distributed.broadcast_object(bad, rank), hp.max_bad_images, hp.train_unknown
+    )
     logger.info(
         "%d classes; %s",
         len(splits.class_folders),
-        ", ".join(f"{s.channel}: {len(s.samples)} images" for s in splits.sets),
+        ", ".join(f"{s.channel}: {len(s.samples)} images" for s in splits.channels),
     )
-    for image_set in splits.sets:
+    for image_set in splits.channels:
         if image_set.bad and rank.is_main:
             logger.warning(
                 "Channel %s: skipping %d unreadable image(s), e.g. %s (%s)",
@@ -106,7 +109,7 @@ def _build(settings: TrainSettings, rank: Rank) -> Parts:
             )
 
     _seed(hp.seed)
-    model = build(hp.arch, len(splits.class_folders))
+    model = build(hp.arch, splits.outputs)
     pretrained_from = "random initialisation (pretrained=false)"
     if hp.pretrained:
         source = find_pretrained(
@@ -210,7 +213,8 @@ def _finish(
             f"{prefix}_top5": result.top5,
             f"{prefix}_acc": result.accuracy,
         }
-    meta = write_model(parts, state, final)
+    trust = assess(parts, results)
+    meta = write_model(parts, state, final, trust.policy)
     out = settings.opt_ml.output_data_dir
     write_evaluation(
         out,
@@ -220,6 +224,7 @@ def _finish(
             results=results,
             history=state.history,
             best_epoch=best_epoch,
+            trust=trust,
         )
         | (recorder.report(state.history, parts.steps_per_epoch) if recorder else {}),
     )

@@ -23,7 +23,7 @@ import torch
 from torchvision import models
 
 from container.archives import ArchiveError, is_archive, unpack_once
-from container.model import WEIGHTS_FILE
+from container.model import META_FILE, WEIGHTS_FILE
 from container.sagemaker_env import Channel
 from container.training.errors import WeightsError
 
@@ -76,6 +76,8 @@ def _weights_in(folder: Path, scratch: Path) -> Path:
             raise WeightsError(str(exc)) from exc
         return _weights_in(unpacked, scratch)
     candidates = [p for p in files if p.suffix in _WEIGHTS_SUFFIXES]
+    if any(p.name == META_FILE for p in files):  # an artifact: its weights, not its statistics
+        candidates = [p for p in candidates if p.name == WEIGHTS_FILE]
     if len(candidates) != 1:
         raise WeightsError(
             f"the pretrained channel at {folder} must hold one .pt/.pth state_dict (or a "

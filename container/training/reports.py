@@ -21,35 +21,43 @@ from container.training.data import DatasetSplits
 from container.training.findings import findings_html
 from container.training.loop import EvalResult
 from container.training.profiler import PHASES
+from container.training.quality import (
+    NONE_OF_THESE,
+    abstention_section,
+    calibration_section,
+    class_metrics,
+    classes_section,
+    confused_pairs,
+    confused_section,
+    findings,
+    findings_section,
+)
 from container.training.rules_report import rules_section
+from container.training.trust import Trust
 
 __all__ = ["evaluation_report", "write_evaluation", "write_profile"]
 
 _WORST = 15
-_CONFUSED = 10
-_MAX_MATRIX_CLASSES = 150
+_MAX_MATRIX_CLASSES = 40  # beyond that the cells are unreadable: the top confused pairs instead
 
 
-def _split_json(result: EvalResult, classes: Sequence[str]) -> dict[str, Any]:
-    support = result.confusion.sum(dim=1).tolist()
-    correct = result.confusion.diagonal().tolist()
-    return {
+def _split_json(
+    result: EvalResult, classes: Sequence[str], samples: Sequence[tuple[str, int]]
+) -> dict[str, Any]:
+    names = list(classes) + [NONE_OF_THESE] * (len(result.confusion) - len(classes))
+    split = {
         "images": result.images,
         "loss": result.loss,
         "accuracy": result.accuracy,
         "top5": result.top5,
-        "per_class": [
-            {
-                "index": i,
-                "class": name,
-                "support": support[i],
-                "correct": correct[i],
-                "accuracy": correct[i] / support[i] if support[i] else None,
-            }
-            for i, name in enumerate(classes)
-        ],
+        **class_metrics(result.confusion[: len(classes)], classes),
         "confusion_matrix": result.confusion.tolist(),
+        "confusion_labels": names,
     }
+    if result.outputs is not None:
+        kept, labels = result.kept()
+        split["confused_pairs"] = confused_pairs(kept.logits, labels, samples, names)
+    return split
 
 
 def evaluation_report(
@@ -59,24 +67,32 @@ def evaluation_report(
     results: Mapping[str, EvalResult],
     history: Sequence[Mapping[str, float | int]],
     best_epoch: int | None,
+    trust: Trust | None = None,
 ) -> dict[str, Any]:
-    """The evaluation record: final metrics per split, per class, and the training curves."""
+    """The evaluation record: final metrics per split and per class, where the model is weak,
+    calibration and abstention, the training curves, and findings in words."""
     classes = splits.classes
-    return {
+    samples = {s.channel: s.samples for s in splits.sets}
+    report: dict[str, Any] = {
         "model_version": model_version,
         "classes": classes,
         "best_epoch": best_epoch,
         "epochs_completed": len(history),
-        "splits": {name: _split_json(result, classes) for name, result in results.items()},
+        "splits": {
+            name: _split_json(result, classes, samples[name]) for name, result in results.items()
+        },
         "history": list(history),
         "data": {
             image_set.channel: {
                 "images": len(image_set.samples),
                 "skipped": [{"path": b.path, "reason": b.reason} for b in image_set.bad],
             }
-            for image_set in splits.sets
+            for image_set in splits.channels
         },
     }
+    if trust is not None:
+        report |= {"calibration": trust.calibration, "abstention": trust.abstention}
+    return {"findings": findings(report), **report}
 
 
 # --- evaluation --------------------------------------------------------------------------------
@@ -99,34 +115,29 @@ def _curves(history: Sequence[Mapping[str, Any]]) -> str:
     return html_page.figure(fig, "loss and accuracy per epoch")
 
 
-def _worst(split: Mapping[str, Any]) -> tuple[str, list[Mapping[str, Any]]]:
-    rated = [c for c in split["per_class"] if c["accuracy"] is not None]
-    worst = sorted(rated, key=lambda c: (c["accuracy"], -c["support"]))[:_WORST]
+def _worst(split: Mapping[str, Any]) -> str:
+    rated = [c for c in split["per_class"] if c["recall"] is not None]
+    worst = sorted(rated, key=lambda c: (c["recall"], -c["support"]))[:_WORST]
     fig = Figure(figsize=(8, 0.3 * len(worst) + 1))
     ax = fig.subplots()
-    ax.barh([c["class"] for c in reversed(worst)], [c["accuracy"] for c in reversed(worst)])
-    ax.set(xlim=(0, 1), xlabel="accuracy", title=f"{len(worst)} worst classes")
-    return html_page.figure(fig, "worst classes"), worst
-
-
-def _confused_pairs(split: Mapping[str, Any], classes: Sequence[str]) -> list[list[object]]:
-    matrix = split["confusion_matrix"]
-    pairs = [
-        (count, classes[t], classes[p])
-        for t, row in enumerate(matrix)
-        for p, count in enumerate(row)
-        if t != p and count
-    ]
-    return [[true, predicted, count] for count, true, predicted in sorted(pairs, reverse=True)]
+    ax.barh([c["class"] for c in reversed(worst)], [c["recall"] for c in reversed(worst)])
+    ax.set(xlim=(0, 1), xlabel="recall", title=f"{len(worst)} worst classes")
+    return html_page.figure(fig, "worst classes")
 
 
 def _matrix(split: Mapping[str, Any], name: str) -> str:
-    matrix = split["confusion_matrix"]
+    matrix, labels = split["confusion_matrix"], split["confusion_labels"]
     if len(matrix) > _MAX_MATRIX_CLASSES:
-        return html_page.note("Too many classes to draw; the matrix is in evaluation.json.")
-    fig = Figure(figsize=(7, 6))
+        return html_page.note(
+            f"{len(matrix)} classes are too many to draw readably: the most confused pairs are "
+            "above, the whole matrix is in evaluation.json."
+        )
+    side = 4 + 0.25 * len(labels)
+    fig = Figure(figsize=(side + 1, side))
     ax = fig.subplots()
     image = ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize="small")
+    ax.set_yticks(range(len(labels)), labels, fontsize="small")
     ax.set(title=f"Confusion matrix ({name})", xlabel="predicted", ylabel="true")
     fig.colorbar(image)
     return html_page.figure(fig, f"confusion matrix for {name}")
@@ -135,10 +146,14 @@ def _matrix(split: Mapping[str, Any], name: str) -> str:
 def _evaluation_html(report: Mapping[str, Any]) -> str:
     splits = report["splits"]
     summary = html_page.table(
-        ["split", "images", "accuracy", "top-5", "loss"],
-        [[n, s["images"], s["accuracy"], s["top5"], s["loss"]] for n, s in splits.items()],
+        ["split", "images", "accuracy", "top-5", "loss", "macro F1"],
+        [
+            [n, s["images"], s["accuracy"], s["top5"], s["loss"], s["averages"]["f1"]["macro"]]
+            for n, s in splits.items()
+        ],
     )
     sections = [
+        findings_section(report["findings"]),
         html_page.section(
             "Summary",
             html_page.note(
@@ -146,32 +161,24 @@ def _evaluation_html(report: Mapping[str, Any]) -> str:
                 f"{report['epochs_completed']}"
             ),
             summary,
-        )
+        ),
     ]
+    if "calibration" in report:
+        sections.append(calibration_section(report["calibration"]))
+    if "abstention" in report:
+        sections.append(abstention_section(report["abstention"]))
     if report["history"]:
         sections.append(html_page.section("Training curves", _curves(report["history"])))
     sections.append(rules_section(report))
     focus = "test" if "test" in splits else "valid"
     if focus in splits:
-        plot, worst = _worst(splits[focus])
-        sections.append(
-            html_page.section(
-                f"Worst classes ({focus})",
-                plot,
-                html_page.table(
-                    ["class", "support", "correct", "accuracy"],
-                    [[c["class"], c["support"], c["correct"], c["accuracy"]] for c in worst],
-                ),
-            )
-        )
-        confused = _confused_pairs(splits[focus], report["classes"])[:_CONFUSED]
-        sections.append(
-            html_page.section(
-                f"Most confused ({focus})",
-                html_page.table(["true class", "predicted as", "images"], confused),
-                _matrix(splits[focus], focus),
-            )
-        )
+        split = splits[focus]
+        sections += [
+            classes_section(split, focus),
+            html_page.section(f"Worst classes ({focus})", _worst(split)),
+            confused_section(split, focus),
+            _matrix(split, focus),
+        ]
     skipped = [
         [channel, s["path"], s["reason"]]
         for channel, data in report["data"].items()

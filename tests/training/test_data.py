@@ -33,9 +33,14 @@ def data(dataset: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(dataset, tmp_path / "data"))
 
 
-def _load(channels: dict[str, Channel], scratch: Path, max_bad: float = 0.05) -> DatasetSplits:
+def _load(
+    channels: dict[str, Channel],
+    scratch: Path,
+    max_bad: float = 0.05,
+    train_unknown: bool = False,
+) -> DatasetSplits:
     found = find_images(channels, scratch)
-    return build_splits(found, probe_images(found, threads=2), max_bad)
+    return build_splits(found, probe_images(found, threads=2), max_bad, train_unknown)
 
 
 def test_sample_dataset_loads_with_readable_names(dataset: Path, tmp_path: Path) -> None:
@@ -149,6 +154,47 @@ def test_manifest_files_and_unknown_channels_are_ignored(data: Path, tmp_path: P
     (data / "train-manifest").write_text("s3://bucket/prefix/")
     channels = _channels(data, "train", "valid", "extras")
     assert len(_load(channels, tmp_path / "scratch").train.samples) == 64
+
+
+def _unknown_channel(data: Path) -> None:
+    """Images of none of the classes, in nested folders of any names; one unreadable."""
+    for n, source in enumerate(sorted((data / "test" / "004.Akita").glob("*.jpg"))):
+        target = data / "unknown" / ("cats" if n % 2 else "sofas/big") / f"{n}.jpg"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, target)
+    (data / "unknown" / "cats" / "broken.jpg").write_bytes(b"")
+
+
+def test_the_unknown_channel_is_held_out_or_one_more_class(data: Path, tmp_path: Path) -> None:
+    _unknown_channel(data)
+    channels = _channels(data, "train", "valid", "unknown")
+    held = _load(channels, tmp_path / "a", max_bad=0.5)
+    assert held.unknown is not None
+    assert len(held.unknown.samples) == 5
+    assert {label for _, label in held.unknown.samples} == {4}  # after the 4 classes
+    assert [b.path.endswith("broken.jpg") for b in held.unknown.bad] == [True]
+    assert (held.outputs, held.unknown_output, len(held.train.samples)) == (4, False, 64)
+    assert held.unknown not in held.sets
+    assert held.channels[-1] is held.unknown
+
+    trained = _load(channels, tmp_path / "b", max_bad=0.5, train_unknown=True)
+    assert trained.unknown is not None
+    assert trained.unknown.samples == held.unknown.samples[::3]
+    assert (trained.outputs, trained.unknown_output) == (5, True)
+    added = trained.train.samples[64:]
+    assert sorted(added + trained.unknown.samples) == sorted(held.unknown.samples)
+    assert {label for _, label in added} == {4}
+
+
+def test_train_unknown_without_the_channel_is_an_error(dataset: Path, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="train_unknown=true needs an 'unknown' channel"):
+        _load(_channels(dataset, "train", "valid"), tmp_path, train_unknown=True)
+
+
+def test_an_empty_unknown_channel_is_an_error(data: Path, tmp_path: Path) -> None:
+    (data / "unknown" / "nothing").mkdir(parents=True)
+    with pytest.raises(DataError, match="channel 'unknown' has no images under"):
+        _load(_channels(data, "train", "valid", "unknown"), tmp_path)
 
 
 @pytest.mark.parametrize(

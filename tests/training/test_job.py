@@ -143,6 +143,38 @@ def test_evaluation_report(learned: Ran) -> None:
     html = (job.opt_ml.output_data_dir / "evaluation.html").read_text()
     assert html.count("<img") >= 3  # curves, worst classes, confusion matrix
     assert "broken_000.jpg" in html
+    assert '<table class="sortable">' in html
+    assert report["findings"]
+    assert report["findings"][0]["text"].startswith("Accuracy on test:")
+
+
+def test_precision_recall_and_f1_are_those_of_the_confusion_matrix(learned: Ran) -> None:
+    job, _ = learned
+    for split in job.report("evaluation.json")["splits"].values():
+        matrix = split["confusion_matrix"]
+        rows = split["per_class"]
+        for c, row in enumerate(rows):
+            support = sum(matrix[c])
+            predicted = sum(line[c] for line in matrix)
+            correct = matrix[c][c]
+            precision = correct / predicted if predicted else None
+            recall = correct / support if support else None
+            assert (row["support"], row["correct"]) == (support, correct)
+            assert row["precision"] == pytest.approx(precision)
+            assert row["recall"] == pytest.approx(recall)
+            if precision is None or recall is None:
+                assert row["f1"] is None
+            else:
+                f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0
+                assert row["f1"] == pytest.approx(f1)
+        total = sum(r["support"] for r in rows)
+        for metric in ("precision", "recall", "f1"):
+            values = [r[metric] or 0.0 for r in rows]
+            averages = split["averages"][metric]
+            assert averages["macro"] == pytest.approx(sum(values) / len(rows))
+            weighted = sum(v * r["support"] for v, r in zip(values, rows, strict=True)) / total
+            assert averages["weighted"] == pytest.approx(weighted)
+        assert split["averages"]["recall"]["weighted"] == pytest.approx(split["accuracy"])
 
 
 def test_profile(learned: Ran) -> None:
