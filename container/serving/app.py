@@ -34,6 +34,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from container.abstention import Outputs, Override
 from container.decoding import DecodeLimits, ImageDecodeError, ImageTooLargeError
 from container.devices import CudaUnusableError
 from container.invocations import CUSTOM_ATTRIBUTES, MAX_IN_FLIGHT_MB
@@ -105,7 +106,7 @@ class ServerState:
         self.budget = RequestBudget.from_settings(self.settings)
         # One thread runs every forward pass: batches form while it is busy.
         self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
-        self.batcher: Batcher[torch.Tensor, torch.Tensor] = Batcher(
+        self.batcher: Batcher[torch.Tensor, Outputs] = Batcher(
             self._predict,
             self.model_thread,
             self.max_batch_size,
@@ -113,7 +114,7 @@ class ServerState:
         )
         self._loading: asyncio.Task[None] | None = None
 
-    def _predict(self, batch: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def _predict(self, batch: Sequence[torch.Tensor]) -> list[Outputs]:
         assert self.predictor is not None
         return self.predictor.predict(batch)
 
@@ -320,7 +321,11 @@ class _Invocation:
 
     async def respond(self) -> Response:
         headers = self.request.headers
-        options = parse_custom_attributes(headers.get(CUSTOM_ATTRIBUTES), self.settings.top_k)
+        options = parse_custom_attributes(
+            headers.get(CUSTOM_ATTRIBUTES),
+            self.settings.top_k,
+            Override(self.settings.abstain, self.settings.min_confidence),
+        )
         self.request_id = options.request_id or self.request_id
         media = choose_response_type(headers.get("accept"), self.settings.default_accept)
         predictor, decoders = self.state.ready()
@@ -394,23 +399,24 @@ class _Invocation:
         self,
         predictor: Predictor,
         prepared: Prepared,
-        result: BatchResult[torch.Tensor],
+        result: BatchResult[Outputs],
         options: RequestOptions,
         many: bool,
     ) -> dict[str, Any]:
         self.timing.queue_s = max(self.timing.queue_s, result.queue_s)
         self.timing.model_s = max(self.timing.model_s, result.model_s)
         self.timing.batch_size = max(self.timing.batch_size, result.batch_size)
-        top = result.value.topk(min(options.top_k, len(predictor.classes)))
+        answer = predictor.answer(result.value, options.override)
+        top = answer.probabilities.topk(min(options.top_k, len(predictor.classes)))
         predictions = [
             {"label": predictor.classes[i], "index": i, "probability": round(p, 6)}
             for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
         ]
-        return (
-            {"image": prepared.name, "predictions": predictions}
-            if many
-            else {"predictions": predictions}
-        )
+        record: dict[str, Any] = {"image": prepared.name} if many else {}
+        record |= {"predictions": predictions, "abstained": answer.abstained}
+        if answer.reason is not None:
+            record["reason"] = answer.reason
+        return record
 
     async def _explain(
         self, predictor: Predictor, prepared: list[Prepared], records: list[dict[str, Any]]

@@ -12,8 +12,8 @@ import json
 import math
 import re
 import sys
-from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -21,6 +21,7 @@ from python_multipart.multipart import parse_options_header
 from starlette.datastructures import Headers
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from container.abstention import Override
 from container.serving.budget import PixelTally, RequestBudget, over_limit
 from container.serving.errors import BadRequestError, NotAcceptableError, UnsupportedMediaTypeError
 
@@ -74,6 +75,7 @@ _MAX_NAME = 64
 _MAX_TOP_K = 1000
 _TOP_K = re.compile(r"[0-9]{1,4}")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+_NUMBER = re.compile(r"[0-9]{0,3}(\.[0-9]{1,6})?")
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,7 @@ class RequestOptions:
     top_k: int
     explain: bool
     request_id: str | None
+    override: Override
 
 
 def _media_type(header: str | None) -> str:
@@ -346,8 +349,33 @@ async def read_inputs(
 # --- options --------------------------------------------------------------------------------------
 
 
-def parse_custom_attributes(header: str | None, default_top_k: int) -> RequestOptions:
-    """`top_k=3, explain=gradcam, request_id=abc` (commas or semicolons between pairs)."""
+def _override(pairs: Mapping[str, str], default: Override) -> Override:
+    abstain = pairs.get("abstain", "").lower()
+    if abstain not in ("", "on", "off", "true", "false"):
+        raise BadRequestError(f"custom attribute abstain='{_excerpt(abstain)}': use on or off")
+    override = default
+    if abstain:
+        override = replace(override, abstain=abstain in ("on", "true"))
+    if "min_confidence" in pairs:
+        text = pairs["min_confidence"]
+        try:
+            value = float(text) if _NUMBER.fullmatch(text) else -1.0
+        except ValueError:
+            value = -1.0
+        if not 0 < value <= 1:
+            raise BadRequestError(
+                f"custom attribute min_confidence='{_excerpt(text)}': use a probability "
+                "above 0 and at most 1, such as 0.5"
+            )
+        override = replace(override, min_confidence=value)
+    return override
+
+
+def parse_custom_attributes(
+    header: str | None, default_top_k: int, default_override: Override
+) -> RequestOptions:
+    """`top_k=3, explain=gradcam, request_id=abc, min_confidence=0.5, abstain=off` (commas or
+    semicolons between pairs); the endpoint's settings fill what the request leaves out."""
     pairs: dict[str, str] = {}
     for part in re.split(r"[;,]", header or ""):
         key, sep, value = part.partition("=")
@@ -374,7 +402,12 @@ def parse_custom_attributes(header: str | None, default_top_k: int) -> RequestOp
             f"custom attribute request_id='{_excerpt(request_id)}': use 1 to 64 characters "
             "of A-Z, a-z, 0-9, '.', '_', ':' and '-'"
         )
-    return RequestOptions(top_k=top_k, explain=explain == "gradcam", request_id=request_id)
+    return RequestOptions(
+        top_k=top_k,
+        explain=explain == "gradcam",
+        request_id=request_id,
+        override=_override(pairs, default_override),
+    )
 
 
 # --- responses ------------------------------------------------------------------------------------

@@ -19,13 +19,15 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 from torchvision.models import ResNet
 
+from container.abstention import Answer, Outputs, Override, answer
 from container.archives import ArchiveError, is_archive, unpack_once
 from container.decoding import Preprocessing, eval_box
 from container.devices import DeviceChoice, cpu_has_bf16, resolve_device
 from container.images import normalize
-from container.model import META_FILE, Artifact, ArtifactError, load_artifact
+from container.model import META_FILE, Artifact, ArtifactError, backbone, load_artifact
 from container.serving.explain import grad_cam, overlay_png
 
 __all__ = ["Predictor", "Prepared", "find_model_dir", "load_predictor"]
@@ -102,9 +104,11 @@ class Predictor:
         self.prep: Preprocessing = artifact.preprocessing
         self.device = device
         self.dtype = dtype
+        self.policy = artifact.policy
         model = artifact.model.to(memory_format=torch.channels_last).eval()
         assert isinstance(model, ResNet)
         self._fp32 = model
+        self._fp32_outputs = _WithFeatures(model).eval()
         self._fast: Any = _fast_model(model, dtype, self.prep, device) if optimize else None
         self.form = (
             f"{'TorchScript (traced, frozen)' if optimize else 'eager'} "
@@ -115,20 +119,25 @@ class Predictor:
         return normalize(torch.stack(list(pixels)), self.prep, self.device)
 
     @torch.inference_mode()
-    def predict(self, batch: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Class probabilities (float32, CPU) for a batch of prepared pixels, in order."""
+    def predict(self, batch: Sequence[torch.Tensor]) -> list[Outputs]:
+        """Logits and pooled features (float32, CPU) for a batch of prepared pixels, one
+        `Outputs` of a batch of one per image, in order."""
         inputs = self._inputs(batch)
         if self._fast is not None:
-            logits = self._fast(inputs.to(self.dtype))
+            logits, features = self._fast(inputs.to(self.dtype))
         else:
             with torch.autocast(self.device.type, self.dtype, self.dtype != torch.float32):
-                logits = self._fp32(inputs)
-        return list(logits.float().softmax(dim=1).cpu())
+                logits, features = self._fp32_outputs(inputs)
+        return _split(logits, features)
 
-    def predict_fp32(self, batch: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """The plain full-precision module's probabilities: the reference for parity checks."""
+    def predict_fp32(self, batch: Sequence[torch.Tensor]) -> list[Outputs]:
+        """The plain full-precision module's outputs: the reference for parity checks."""
         with torch.inference_mode():
-            return list(self._fp32(self._inputs(batch)).softmax(dim=1).cpu())
+            return _split(*self._fp32_outputs(self._inputs(batch)))
+
+    def answer(self, outputs: Outputs, override: Override) -> Answer:
+        """Calibrated probabilities and the abstention decision for one image."""
+        return answer(outputs, self.policy, override)
 
     def explain(self, prepared: Prepared, class_index: int) -> dict[str, Any]:
         """Grad-CAM for one prepared image (needs `keep_image`) and one class."""
@@ -152,10 +161,29 @@ class Predictor:
                 self.predict([torch.zeros(side, side, 3, dtype=torch.uint8)] * size)
 
 
+class _WithFeatures(nn.Module):
+    """The network, answering its logits and the pooled features they are computed from."""
+
+    def __init__(self, model: ResNet) -> None:
+        super().__init__()
+        self.body = backbone(model)
+        self.fc = model.fc
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.body(x)
+        return self.fc(features), features
+
+
+def _split(logits: torch.Tensor, features: torch.Tensor) -> list[Outputs]:
+    logits, features = logits.float().cpu(), features.float().cpu()
+    return [Outputs(logits[i : i + 1], features[i : i + 1]) for i in range(len(logits))]
+
+
 def _fast_model(
     model: ResNet, dtype: torch.dtype, prep: Preprocessing, device: torch.device
 ) -> Any:
-    low = copy.deepcopy(model).to(dtype=dtype, memory_format=torch.channels_last)
+    low = _WithFeatures(copy.deepcopy(model)).to(dtype=dtype).eval()
+    low = low.to(memory_format=torch.channels_last)
     example = torch.zeros(2, 3, prep.image_size, prep.image_size, device=device, dtype=dtype)
     with torch.inference_mode(), warnings.catch_warnings():
         # torch.jit is in maintenance mode and says so; tracing a ResNet is what it does best.

@@ -69,6 +69,19 @@ class ServeSettings(BaseModel):
         "name of jit before, is read as jit.",
     )
     top_k: int = Field(5, ge=1, le=1000, description="Default number of classes returned.")
+    abstain: bool = Field(
+        True,
+        description='Abstain (`"abstained": true` with a reason) where the model\'s trained '
+        "threshold says the image is none of its classes; false: always answer. A request's "
+        "`abstain=on` or `abstain=off` custom attribute wins.",
+    )
+    min_confidence: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Abstain when the calibrated top probability is below this, instead of the "
+        "model's trained threshold; a request's `min_confidence=` custom attribute wins.",
+    )
     max_images: int = Field(
         64,
         ge=1,
@@ -195,6 +208,8 @@ ENVIRONMENT: dict[str, str] = {
     "precision": "SERVE_PRECISION",
     "optimize": "SERVE_OPTIMIZE",
     "top_k": "SERVE_TOP_K",
+    "abstain": "SERVE_ABSTAIN",
+    "min_confidence": "SERVE_MIN_CONFIDENCE",
     "max_images": "SERVE_MAX_IMAGES",
     "max_image_pixels": "SERVE_MAX_IMAGE_PIXELS",
     "max_request_pixels": "SERVE_MAX_REQUEST_PIXELS",

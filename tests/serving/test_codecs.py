@@ -11,6 +11,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
+from container.abstention import Override
 from container.serving.budget import RequestBudget
 from container.serving.codecs import (
     JSON,
@@ -293,23 +294,47 @@ def test_accept_default_and_refusal() -> None:
         choose_response_type("application/json;q=nonsense", JSON)
 
 
+ENDPOINT = Override()  # the endpoint's settings: abstain on, no min_confidence
+
+
+def test_abstention_attributes_override_the_endpoint() -> None:
+    assert parse_custom_attributes(None, 5, ENDPOINT).override == ENDPOINT
+    options = parse_custom_attributes("min_confidence=0.5, abstain=off", 5, ENDPOINT)
+    assert options.override == Override(abstain=False, min_confidence=0.5)
+    strict = Override(abstain=True, min_confidence=0.9)
+    assert parse_custom_attributes("top_k=2", 5, strict).override == strict
+    assert parse_custom_attributes("abstain=ON", 5, Override(abstain=False)).override.abstain
+    assert parse_custom_attributes("min_confidence=1", 5, strict).override.min_confidence == 1.0
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "-0.1", "half", "0.5.1", "1e-3", "", "nan"])
+def test_min_confidence_is_a_probability_above_0(value: str) -> None:
+    with pytest.raises(BadRequestError, match=r"min_confidence=.*: use a probability above 0"):
+        parse_custom_attributes(f"min_confidence={value}", 5, ENDPOINT)
+
+
+def test_abstain_is_on_or_off() -> None:
+    with pytest.raises(BadRequestError, match="abstain='maybe': use on or off"):
+        parse_custom_attributes("abstain=maybe", 5, ENDPOINT)
+
+
 def test_custom_attributes() -> None:
-    options = parse_custom_attributes("top_k=3; explain=GradCAM, id=r1, unknown=x", 5)
+    options = parse_custom_attributes("top_k=3; explain=GradCAM, id=r1, unknown=x", 5, ENDPOINT)
     assert (options.top_k, options.explain, options.request_id) == (3, True, "r1")
-    default = parse_custom_attributes(None, 5)
+    default = parse_custom_attributes(None, 5, ENDPOINT)
     assert (default.top_k, default.explain, default.request_id) == (5, False, None)
-    assert parse_custom_attributes("free text without pairs", 5).top_k == 5
+    assert parse_custom_attributes("free text without pairs", 5, ENDPOINT).top_k == 5
 
 
 @pytest.mark.parametrize("top_k", ["0", "1001", "²", "٣", "1_0", "+3", " ", "3.0", "00003"])
 def test_top_k_is_ascii_1_to_1000(top_k: str) -> None:
     with pytest.raises(BadRequestError, match=r"top_k=.*: use a whole number from 1 to 1000"):
-        parse_custom_attributes(f"top_k={top_k}", 5)
+        parse_custom_attributes(f"top_k={top_k}", 5, ENDPOINT)
 
 
 @pytest.mark.parametrize("request_id", ["abc-123", "ns:run.1_2", "a" * 64, "0"])
 def test_request_ids_that_are_echoed(request_id: str) -> None:
-    assert parse_custom_attributes(f"request_id={request_id}", 5).request_id == request_id
+    assert parse_custom_attributes(f"request_id={request_id}", 5, ENDPOINT).request_id == request_id
 
 
 @pytest.mark.parametrize(
@@ -317,7 +342,7 @@ def test_request_ids_that_are_echoed(request_id: str) -> None:
 )
 def test_request_ids_outside_the_safe_form_are_refused(request_id: str) -> None:
     with pytest.raises(BadRequestError, match="use 1 to 64 characters of A-Z, a-z, 0-9") as raised:
-        parse_custom_attributes(f"top_k=3, id={request_id}", 5)
+        parse_custom_attributes(f"top_k=3, id={request_id}", 5, ENDPOINT)
     assert "\x1b" not in raised.value.message
     assert "\n" not in raised.value.message
 

@@ -58,6 +58,6 @@ def test_reduced_precision_forms_keep_top1(
     prepared = [
         to_uint8_hwc(eval_crop(decode(p, min_side=prep.resize_size), prep)) for p in test_images
     ]
-    fast = [int(p.argmax()) for p in predictor.predict(prepared)]
-    reference = [int(p.argmax()) for p in predictor.predict_fp32(prepared)]
+    fast = [int(p.logits.argmax()) for p in predictor.predict(prepared)]
+    reference = [int(p.logits.argmax()) for p in predictor.predict_fp32(prepared)]
     assert fast == reference
