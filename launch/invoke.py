@@ -57,7 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--custom-attributes",
         default="",
-        help=f"more {CUSTOM_ATTRIBUTES}, e.g. request_id=abc (top_k comes from --top-k)",
+        help=f"more {CUSTOM_ATTRIBUTES}, e.g. min_confidence=0.5 or abstain=off "
+        "(top_k comes from --top-k)",
     )
     parser.add_argument(
         "--timeout", type=float, default=60, help="seconds per request (default: %(default)s)"
@@ -100,7 +101,8 @@ def _is_moto(exc: ClientError, endpoint_url: str) -> bool:
 
 
 def format_predictions(name: str, body: dict[str, Any]) -> str:
-    """A table of one image's classes as the server ranked them."""
+    """A table of one image's classes as the server ranked them, and, when the model declined
+    to name one, why."""
     rows = body.get("predictions", [])
     width = max([len("label"), *(len(str(p.get("label"))) for p in rows)])
     version = body.get("model_version")
@@ -109,6 +111,8 @@ def format_predictions(name: str, body: dict[str, Any]) -> str:
     for rank, p in enumerate(rows, 1):
         label = str(p.get("label"))
         lines.append(f"  {rank:>4}  {label:<{width}}  {p.get('index'):>5}  {p['probability']:.4f}")
+    if body.get("abstained"):
+        lines.append(f"  abstained, not sure it is any of these: {body.get('reason')}")
     return "\n".join(lines)
 
 

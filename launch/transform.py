@@ -23,7 +23,6 @@ import argparse
 import json
 import shutil
 import tempfile
-from collections import Counter
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -59,11 +58,13 @@ ACCEPT = "application/json"
 @dataclass(frozen=True)
 class Outcome:
     """One input's result: its key below the input prefix, the true class (None outside class
-    folders) and the top-1 label (None when the .out is not a prediction)."""
+    folders), the top-1 label (None when the .out is not a prediction) and whether the model
+    abstained (declined to answer: none of its classes, it judged)."""
 
     relative: str
     truth: str | None
     predicted: str | None
+    abstained: bool = False
 
 
 @dataclass(frozen=True)
@@ -315,12 +316,13 @@ def _run_locally(args: argparse.Namespace, common: Common) -> Results:
     return Results(name, job["TransformJobStatus"], "", str(source), inputs, outputs, folder)
 
 
-def _top1(body: bytes) -> str | None:
+def _outcome(relative: str, body: bytes) -> Outcome:
     try:
-        predictions = json.loads(body)["predictions"]
-        return str(predictions[0]["label"])
+        answer = json.loads(body)
+        top1 = str(answer["predictions"][0]["label"])
     except (ValueError, KeyError, IndexError, TypeError):
-        return None
+        return Outcome(relative, _truth(relative), None)
+    return Outcome(relative, _truth(relative), top1, answer.get("abstained") is True)
 
 
 def _truth(relative: str) -> str | None:
@@ -365,20 +367,42 @@ def _collect(aws: Aws, name: str, download: Path | None) -> Results:
     return Results(name, status, reason, input_uri, sorted(inputs), sorted(outputs), folder)
 
 
+def _percent(part: int, whole: int) -> str:
+    return f"{part / whole:.1%}" if whole else "-"
+
+
 def score(outcomes: list[Outcome]) -> str:
-    """Accuracy per class and overall, as a table; '' when no input had a class folder."""
+    """Per class and overall: images, correct top-1, accuracy, then the answered images (the
+    model did not abstain): coverage and accuracy on them. '' when no input had a class folder."""
     known = [o for o in outcomes if o.truth is not None]
     if not known:
         return ""
-    images = Counter(o.truth for o in known)
-    correct = Counter(o.truth for o in known if o.predicted == o.truth)
-    width = max(len("class"), *(len(str(c)) for c in images))
-    lines = [f"{'class':<{width}}  {'images':>6}  {'correct':>7}  accuracy"]
-    for truth in sorted(images, key=str):
-        n, k = images[truth], correct[truth]
-        lines.append(f"{truth:<{width}}  {n:>6}  {k:>7}  {k / n:>8.1%}")
-    n, k = len(known), sum(correct.values())
-    lines.append(f"{'all':<{width}}  {n:>6}  {k:>7}  {k / n:>8.1%}")
+    by_class: dict[str, list[Outcome]] = {}
+    for outcome in known:
+        by_class.setdefault(str(outcome.truth), []).append(outcome)
+    width = max(len("class"), *(len(c) for c in by_class))
+    header = ("images", "correct", "accuracy", "answered", "coverage", "accuracy answered")
+    widths = [max(8, len(h)) for h in header]
+    lines = [
+        f"{'class':<{width}}  "
+        + "  ".join(f"{h:>{w}}" for h, w in zip(header, widths, strict=True))
+    ]
+    for truth, rows in [*sorted(by_class.items()), ("all", known)]:
+        correct = [o for o in rows if o.predicted == o.truth]
+        answered = [o for o in rows if not o.abstained]
+        right = sum(o.predicted == o.truth for o in answered)
+        cells = (
+            str(len(rows)),
+            str(len(correct)),
+            _percent(len(correct), len(rows)),
+            str(len(answered)),
+            _percent(len(answered), len(rows)),
+            _percent(right, len(answered)),
+        )
+        lines.append(
+            f"{truth:<{width}}  "
+            + "  ".join(f"{c:>{w}}" for c, w in zip(cells, widths, strict=True))
+        )
     return "\n".join(lines)
 
 
@@ -390,13 +414,16 @@ def _report(results: Results) -> int:
     if missing:
         shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
         print(f"{len(missing)} inputs have no output (failed or not sent): {shown}")
-    outcomes = [
-        Outcome(relative, _truth(relative), _top1((folder / f"{relative}.out").read_bytes()))
-        for relative in outputs
-    ]
+    outcomes = [_outcome(r, (folder / f"{r}.out").read_bytes()) for r in outputs]
     unreadable = [o.relative for o in outcomes if o.predicted is None]
     if unreadable:
         print(f"{len(unreadable)} outputs are not predictions, e.g. {unreadable[0]}.out")
+    abstained = [o.relative for o in outcomes if o.abstained]
+    if abstained:
+        print(
+            f"{len(abstained)} images abstained (none of the classes, the model judged), e.g. "
+            f"{abstained[0]}"
+        )
     if outcomes:
         table = score(outcomes)
         print(table or "the inputs are not in class folders (NNN.Class_Name/): no accuracy")

@@ -75,7 +75,7 @@ def _ok(done: subprocess.CompletedProcess[str]) -> str:
 
 def _table(stdout: str) -> dict[str, tuple[int, int]]:
     """The accuracy table's rows: class -> (images, correct)."""
-    rows = re.findall(r"^(.+?)\s+(\d+)\s+(\d+)\s+[\d.]+%$", stdout, re.MULTILINE)
+    rows = re.findall(r"^(.+?)\s+(\d+)\s+(\d+)\s+[\d.]+%\s+\d+\s", stdout, re.MULTILINE)
     return {label: (int(images), int(correct)) for label, images, correct in rows}
 
 

@@ -22,13 +22,24 @@ def test_url_prints_what_the_server_answered(launch: Launch, server: Server, dat
         ).json()
         assert str(image).endswith(block.splitlines()[0].split("  ")[0])
         assert f"(model {answer['model_version']})" in block
-        rows = [line.split() for line in block.splitlines()[2:]]
+        rows = [line.split() for line in block.splitlines()[2:5]]
         assert len(rows) == 3 == len(answer["predictions"])
         for rank, (row, prediction) in enumerate(zip(rows, answer["predictions"], strict=True), 1):
             assert row[0] == str(rank)
             assert " ".join(row[1:-2]) == prediction["label"]
             assert row[-2] == str(prediction["index"])
             assert row[-1] == f"{prediction['probability']:.4f}"
+        assert ("abstained, not sure" in block) == answer["abstained"]
+
+
+def test_url_says_when_the_model_abstains(launch: Launch, server: Server, dataset: Path) -> None:
+    image = dataset / "test" / "001.Affenpinscher" / "001.Affenpinscher_00000.jpg"
+    done = launch.ok(
+        "invoke", str(image), "--url", server.url, "--custom-attributes", "min_confidence=1"
+    )
+    last = done.stdout.splitlines()[-1]
+    assert last.startswith("  abstained, not sure it is any of these: top probability")
+    assert last.endswith("is below min_confidence 1")
 
 
 def test_url_reports_a_rejected_image_and_fails(

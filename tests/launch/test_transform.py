@@ -141,15 +141,17 @@ def test_concurrency_times_payload_stays_within_100(launch: Launch) -> None:
 @pytest.fixture
 def outputs(launch: Launch, server: Server, dataset: Path) -> dict[str, bytes]:
     """The test channel in s3://BUCKET/in/ and, in s3://BUCKET/out/, the .out body the real
-    server answers for each image, as batch transform writes them; one image has no output."""
+    server answers for each image, as batch transform writes them; one image has no output, and
+    every third abstains (asked with min_confidence=1)."""
     s3 = launch.client("s3")
     s3.create_bucket(Bucket=BUCKET)
     bodies = {}
     images = sorted(p for p in (dataset / "test").rglob("*") if p.is_file())
-    for image in images:
+    for n, image in enumerate(images):
         relative = image.relative_to(dataset / "test").as_posix()
         s3.put_object(Bucket=BUCKET, Key=f"in/{relative}", Body=image.read_bytes())
-        answer = server.post(image.read_bytes(), "image/jpeg", Accept="application/json")
+        strict = {"X_Amzn_SageMaker_Custom_Attributes": "min_confidence=1"} if n % 3 == 1 else {}
+        answer = server.post(image.read_bytes(), "image/jpeg", Accept="application/json", **strict)
         assert answer.status_code == 200
         bodies[relative] = answer.content
     del bodies[images[0].relative_to(dataset / "test").as_posix()]  # as if it failed
@@ -181,17 +183,26 @@ def test_fetch_scores_the_server_outputs(
     expected: dict[str, list[int]] = {}
     for relative, body in outputs.items():
         truth = class_name(relative.split("/")[0])
-        top1 = json.loads(body)["predictions"][0]["label"]
-        counts = expected.setdefault(truth, [0, 0])
+        answer = json.loads(body)
+        right = answer["predictions"][0]["label"] == truth
+        counts = expected.setdefault(truth, [0, 0, 0, 0])  # images, correct, answered, right
         counts[0] += 1
-        counts[1] += top1 == truth
-    rows = {
-        " ".join(line.split()[:-3]): line.split()[-3:]
-        for line in done.stdout.splitlines()
-        if line.endswith("%")
-    }
-    for truth, (n, k) in expected.items():
-        assert rows[truth] == [str(n), str(k), f"{k / n:.1%}"]
-    n, k = (sum(c[i] for c in expected.values()) for i in (0, 1))
-    assert rows["all"] == [str(n), str(k), f"{k / n:.1%}"]
-    assert len(rows) == len(expected) + 1
+        counts[1] += right
+        counts[2] += not answer["abstained"]
+        counts[3] += right and not answer["abstained"]
+    expected["all"] = [sum(c[i] for c in expected.values()) for i in range(4)]
+    lines = done.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("class "))
+    rows = {" ".join(line.split()[:-6]): line.split()[-6:] for line in lines[start + 1 :]}
+    assert set(rows) == set(expected)
+    for truth, (n, k, a, r) in expected.items():
+        assert rows[truth] == [
+            str(n),
+            str(k),
+            f"{k / n:.1%}",
+            str(a),
+            f"{a / n:.1%}",
+            f"{r / a:.1%}",
+        ]
+    assert 0 < expected["all"][2] < expected["all"][0]  # some answered, some abstained
+    assert f"{expected['all'][0] - expected['all'][2]} images abstained" in done.stdout
