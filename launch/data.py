@@ -23,7 +23,7 @@ from botocore.config import Config
 from s3transfer.subscribers import BaseSubscriber  # type: ignore[import-untyped]
 from tqdm import tqdm  # type: ignore[import-untyped]
 
-from container.sagemaker_env import DATA_CHANNELS
+from container.sagemaker_env import DATA_CHANNELS, UNKNOWN_CHANNEL
 from launch.aws import Aws
 from launch.errors import LaunchError
 from launch.settings import Common
@@ -55,8 +55,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _relative(parts: tuple[str, ...]) -> str | None:
-    """`train/<class>/<file>` when the path is an image of a channel, else None."""
-    if len(parts) != 3 or parts[0] not in DATA_CHANNELS or any(p.startswith(".") for p in parts):
+    """`train/<class>/<file>` when the path is a file of a channel (`unknown/...<file>`: any
+    folders), else None."""
+    if any(p.startswith(".") for p in parts):
+        return None
+    if parts[0] == UNKNOWN_CHANNEL and len(parts) >= 2:
+        return "/".join(parts)
+    if len(parts) != 3 or parts[0] not in DATA_CHANNELS:
         return None
     return "/".join(parts)
 
@@ -165,7 +170,12 @@ def run(args: argparse.Namespace, common: Common) -> int:
         print(f"uploaded {len(todo)} files ({size:.1f} MB), skipped {skipped} already in {where}")
     else:
         print(f"nothing to upload: all {skipped} files are already in {where} (same sizes)")
-    channels = sorted({f.relative.split("/")[0] for f in files}, key=DATA_CHANNELS.index)
+    order = (*DATA_CHANNELS, UNKNOWN_CHANNEL)
+    channels = sorted({f.relative.split("/")[0] for f in files}, key=order.index)
     for channel in channels:
         print(f"{channel} {aws.s3_uri('data', channel)}/")
+    if UNKNOWN_CHANNEL in channels:
+        print(
+            f"launch train uses it with --{UNKNOWN_CHANNEL} {aws.s3_uri('data', UNKNOWN_CHANNEL)}/"
+        )
     return 0

@@ -31,6 +31,7 @@ from sagemaker.inputs import TrainingInput
 
 from container.sagemaker_env import (
     DATA_CHANNELS,
+    UNKNOWN_CHANNEL,
     ConfigFileError,
     decode_hyperparameters,
     encode_hyperparameters,
@@ -94,6 +95,12 @@ def add_estimator_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
             f"--{name}", metavar="S3_URI", help=f"the {name} channel (default: PREFIX/data/{name}/)"
         )
+    parser.add_argument(
+        f"--{UNKNOWN_CHANNEL}",
+        metavar="S3_URI",
+        help="images of none of the classes (other animals, people, objects): the abstention "
+        "threshold is set and checked on them; with train_unknown=true also trained on",
+    )
     parser.add_argument(
         "--hyperparameters",
         type=Path,
@@ -195,13 +202,11 @@ def hyperparameters(file: Path | None, pairs: Sequence[str]) -> dict[str, str]:
 
 
 def channels(aws: Aws, args: argparse.Namespace) -> dict[str, TrainingInput]:
-    """Every channel as a TrainingInput with the chosen input mode."""
-    return {
-        name: TrainingInput(
-            getattr(args, name) or aws.s3_uri("data", name) + "/", input_mode=args.input_mode
-        )
-        for name in DATA_CHANNELS
-    }
+    """Every channel as a TrainingInput with the chosen input mode; `unknown` when given."""
+    uris = {name: getattr(args, name) or aws.s3_uri("data", name) + "/" for name in DATA_CHANNELS}
+    if args.unknown:
+        uris[UNKNOWN_CHANNEL] = args.unknown
+    return {name: TrainingInput(uri, input_mode=args.input_mode) for name, uri in uris.items()}
 
 
 def estimator(aws: Aws, args: argparse.Namespace, **options: Any) -> Estimator:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,23 @@ def test_a_zip_uploads_like_the_folder(
     done = launch.ok("upload-data", str(archive), "--bucket", BUCKET)
     assert _objects(launch.client("s3")) == _expected(dataset)
     assert "train s3://" in done.stdout
+
+
+def test_an_unknown_folder_is_uploaded_as_its_channel(
+    launch: Launch, dataset: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(dataset / "train", data / "train")
+    nested = data / "unknown" / "cats" / "indoor"
+    nested.mkdir(parents=True)
+    (nested / "cat.jpg").write_bytes(b"jpeg")
+    (data / "unknown" / "sofa.png").write_bytes(b"png")
+    done = launch.ok("upload-data", str(data), "--bucket", BUCKET)
+    objects = _objects(launch.client("s3"))
+    assert f"{PREFIX}unknown/cats/indoor/cat.jpg" in objects
+    assert f"{PREFIX}unknown/sofa.png" in objects
+    assert f"unknown s3://{BUCKET}/{PREFIX}unknown/\n" in done.stdout
+    assert f"launch train uses it with --unknown s3://{BUCKET}/{PREFIX}unknown/" in done.stdout
 
 
 def test_a_folder_without_train_is_one_line(launch: Launch, tmp_path: Path) -> None:

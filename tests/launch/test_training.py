@@ -88,6 +88,18 @@ def test_train_sends_debugger_rules_profiler_spot_and_fastfile(
     assert request["DebugRuleConfigurations"] == job["DebugRuleConfigurations"]
 
 
+def test_an_unknown_channel_is_sent_only_when_given(launch: Launch, bucket: str) -> None:
+    uri = f"s3://{bucket}/elsewhere/unknown/"
+    done = launch.ok("train", "--bucket", bucket, "--no-wait", "--unknown", uri)
+    job = launch.client("sagemaker").describe_training_job(
+        TrainingJobName=training_job(done.stdout)
+    )
+    channels = {c["ChannelName"]: c for c in job["InputDataConfig"]}
+    assert sorted(channels) == ["test", "train", "unknown", "valid"]
+    assert channels["unknown"]["DataSource"]["S3DataSource"]["S3Uri"] == uri
+    assert channels["unknown"]["InputMode"] == "FastFile"
+
+
 def test_train_waits_then_prints_model_and_final_metrics(launch: Launch, bucket: str) -> None:
     """moto completes a job at once, with one made-up final metric."""
     done = launch.ok("train", "--bucket", bucket, "--no-logs", "--debugger", "off")
