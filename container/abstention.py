@@ -90,8 +90,10 @@ class FeatureGaussian:
         means = torch.stack([x[labels == c].mean(dim=0) for c in range(classes)])
         centred = x - means[labels]
         covariance = centred.T @ centred / max(1, len(x) - classes)
-        scale = covariance.diagonal().mean()
-        covariance = (1 - shrinkage) * covariance + shrinkage * scale * torch.eye(len(covariance))
+        scale = float(covariance.diagonal().mean())
+        # Features that do not vary at all (a model that has learnt nothing yet): unit variance.
+        ridge = shrinkage * scale if scale > 1e-12 else 1.0
+        covariance = (1 - shrinkage) * covariance + ridge * torch.eye(len(covariance))
         return cls(means.float(), torch.linalg.inv(covariance).float())
 
     def __post_init__(self) -> None:

@@ -46,7 +46,7 @@ from container.training.rule_recorder import (
 )
 from container.training.state import Best, Parts, RunState, StopRequest
 
-__all__ = ["evaluate_best", "train_epochs", "write_model"]
+__all__ = ["evaluate_best", "loading", "train_epochs", "write_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ logger = logging.getLogger(__name__)
 # --- data ---------------------------------------------------------------------------------------
 
 
-def _loading(parts: Parts, dataset: Dataset[Any], evaluation: bool = False) -> LoaderSettings:
+def loading(parts: Parts, dataset: Dataset[Any], evaluation: bool = False) -> LoaderSettings:
     hp = parts.settings.hp
     return LoaderSettings(
         # Evaluation keeps no activations for backward: twice the batch fits.
@@ -68,7 +68,7 @@ def _loading(parts: Parts, dataset: Dataset[Any], evaluation: bool = False) -> L
 
 
 def _evaluation_batches(parts: Parts, dataset: Dataset[Any]) -> Iterator[Batch]:
-    return eval_batches(dataset, _loading(parts, dataset, evaluation=True))
+    return eval_batches(dataset, loading(parts, dataset, evaluation=True))
 
 
 def _images(
@@ -178,7 +178,7 @@ def _epoch(
         hook.set_mode(training=True)
     stats = train_one_epoch(
         module,
-        train_batches(train_set, _loading(parts, train_set), state.epoch, state.step),
+        train_batches(train_set, loading(parts, train_set), state.epoch, state.step),
         prepare,
         criterion=parts.criterion,
         optimizer=parts.optimizer,

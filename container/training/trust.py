@@ -42,7 +42,8 @@ from container.training.calibration import (
 )
 from container.training.data import ImageFolderDataset
 from container.training.distributed import Rank
-from container.training.loader import LoaderSettings, eval_batches
+from container.training.epochs import loading
+from container.training.loader import eval_batches
 from container.training.loop import EvalResult, outputs
 from container.training.state import Parts
 
@@ -71,7 +72,7 @@ class Trust:
 def _outputs(parts: Parts, dataset: Dataset[Any]) -> Outputs:
     """The model's outputs for a whole set, in this process alone (rank 0 runs this module)."""
     hp = parts.settings.hp
-    settings = LoaderSettings(hp.batch_size * 2, 0, pin_memory=False, seed=hp.seed, rank=_ALONE)
+    settings = replace(loading(parts, dataset, evaluation=True), rank=_ALONE)
     result, _ = outputs(
         parts.model,
         eval_batches(dataset, settings),

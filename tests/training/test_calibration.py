@@ -139,6 +139,13 @@ def test_scores_rank_confident_rows_higher() -> None:
         assert values[0] > values[1], score
 
 
+def test_the_gaussian_fits_features_that_do_not_vary() -> None:
+    """Two images per class whose pooled features are all zero: a tiny job's early model."""
+    gaussian = FeatureGaussian.fit(torch.zeros(4, 8), torch.tensor([0, 0, 1, 1]), classes=2)
+    assert torch.equal(gaussian.score(torch.zeros(1, 8)), torch.zeros(1))
+    assert float(gaussian.score(torch.ones(1, 8))) == pytest.approx(-8.0)
+
+
 def test_the_gaussian_score_is_minus_the_distance_to_the_nearest_mean() -> None:
     means = torch.tensor([[0.0, 0.0], [10.0, 0.0]])
     gaussian = FeatureGaussian(means, torch.eye(2) / 4)  # variance 4 in each direction
