@@ -104,6 +104,8 @@ class ServerState:
             self.settings.max_queued_images or _QUEUED_BATCHES * self.max_batch_size
         )
         self.budget = RequestBudget.from_settings(self.settings)
+        # What a request that says nothing of abstention gets: the endpoint's settings.
+        self.abstention = Override(self.settings.abstain, self.settings.min_confidence)
         # One thread runs every forward pass: batches form while it is busy.
         self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
         self.batcher: Batcher[torch.Tensor, Outputs] = Batcher(
@@ -322,9 +324,7 @@ class _Invocation:
     async def respond(self) -> Response:
         headers = self.request.headers
         options = parse_custom_attributes(
-            headers.get(CUSTOM_ATTRIBUTES),
-            self.settings.top_k,
-            Override(self.settings.abstain, self.settings.min_confidence),
+            headers.get(CUSTOM_ATTRIBUTES), self.settings.top_k, self.state.abstention
         )
         self.request_id = options.request_id or self.request_id
         media = choose_response_type(headers.get("accept"), self.settings.default_accept)
