@@ -324,7 +324,7 @@ def _wanted(name: str) -> bool:
 
 
 def _job_reports_section(unpacked: JobOutput) -> tuple[str, list[str]]:
-    """Links to the job's own reports, and its accuracy per split."""
+    """Links to the job's own reports, its accuracy per split and its evaluation's findings."""
     if unpacked.missing:
         line = f"the job's own reports: {unpacked.missing}"
         return html_page.paragraph(line), [line]
@@ -339,6 +339,11 @@ def _job_reports_section(unpacked: JobOutput) -> tuple[str, list[str]]:
         ]
         parts.append(_table(("split", "images", "accuracy", "top-5", "loss"), rows))
         lines += [f"{split}: accuracy {acc}" for split, _, acc, _, _ in rows]
+        # What is good, weak, to try: calibration and abstention included (older jobs: none).
+        said = [(f["kind"], f["text"]) for f in evaluation.get("findings", [])]
+        if said:
+            parts.append(_table(("", "the evaluation's findings"), said))
+            lines += [f"{kind}: {text}" for kind, text in said]
     return "".join(parts), lines
 
 

@@ -3,6 +3,7 @@ verdicts, and its tensors read by smdebug."""
 
 from __future__ import annotations
 
+import html
 import re
 import subprocess
 import sys
@@ -55,6 +56,11 @@ def test_report_of_a_job_without_debugger_shows_its_own_verdicts_and_tensors(
     evaluation = job.report("evaluation.json")
     accuracy = evaluation["splits"]["test"]["accuracy"]
     assert f"test: accuracy {accuracy:.4f}" in lines
+    said = evaluation["findings"]
+    assert any(f["text"].startswith("Calibration:") for f in said)
+    for finding in said:
+        assert f"{finding['kind']}: {finding['text']}" in lines
+        assert html.escape(finding["text"], quote=False) in page
 
     # The job's own verdicts: a table each at the top of the page, a line per one that fired.
     assert page.index("<h2>The job's own verdicts</h2>") < page.index("<h2>Final metrics</h2>")
