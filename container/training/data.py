@@ -191,20 +191,22 @@ def _has_subdirs(folder: Path) -> bool:
     return any(p.is_dir() for p in _visible(folder))
 
 
-def _class_images(root: Path) -> dict[str, list[Path]]:
-    """Class folder -> its image files (searched recursively, like torchvision's ImageFolder).
+def _images_under(folder: Path) -> list[Path]:
+    """The image files under `folder`, at any depth, sorted. Links to folders below it are not
+    followed: a link to `.` or to a parent would make the walk endless; `folder` may be a link."""
+    return sorted(
+        Path(dirpath) / name
+        for dirpath, _, names in os.walk(folder, followlinks=False)
+        for name in names
+        if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
+    )
 
-    Links to folders inside a class folder are not followed: a link to `.` or to a parent would make
-    the walk endless. A class folder may itself be a link.
-    """
+
+def _class_images(root: Path) -> dict[str, list[Path]]:
+    """Class folder -> its image files (searched recursively, like torchvision's ImageFolder)."""
     found: dict[str, list[Path]] = {}
     for folder in (p for p in _visible(root) if p.is_dir()):
-        images = sorted(
-            Path(dirpath) / name
-            for dirpath, _, names in os.walk(folder, followlinks=False)
-            for name in names
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
-        )
+        images = _images_under(folder)
         if images:
             found[folder.name] = images
         else:
@@ -276,12 +278,7 @@ def find_images(channels: dict[str, Channel], scratch: Path) -> FoundImages:
 
 
 def _unknown_images(root: Path) -> list[Path]:
-    images = sorted(
-        Path(dirpath) / name
-        for dirpath, _, names in os.walk(root, followlinks=False)
-        for name in names
-        if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
-    )
+    images = _images_under(root)
     if not images:
         raise DataError(
             f"channel {UNKNOWN_CHANNEL!r} has no images under {root}: give it images of things "

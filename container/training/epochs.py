@@ -26,7 +26,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from container.abstention import Policy
 from container.images import normalize
-from container.model import backbone, save_artifact
+from container.model import save_artifact
 from container.training import distributed, metrics
 from container.training.checkpoint import save_checkpoint, snapshot
 from container.training.data import ImageFolderDataset
@@ -36,7 +36,7 @@ from container.training.loop import (
     EpochStats,
     EvalResult,
     evaluate,
-    extract_features,
+    outputs,
     train_one_epoch,
 )
 from container.training.rule_recorder import (
@@ -111,11 +111,12 @@ def _gather_features(
     parts: Parts, dataset: ImageFolderDataset
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Backbone features of a whole set, each process computing its share."""
-    features, labels = extract_features(
-        backbone(parts.model), _evaluation_batches(parts, dataset), _prepare_images(parts), parts.hw
+    # The pooled features the head reads (its logits, computed on the way, are not needed).
+    result, labels = outputs(
+        parts.model, _evaluation_batches(parts, dataset), _prepare_images(parts), parts.hw
     )
-    full_features, full_labels = distributed.gather_shards((features, labels), parts.rank)
-    return full_features, full_labels
+    features, labels = distributed.gather_shards((result.features, labels), parts.rank)
+    return features, labels
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""One training epoch, one evaluation pass, and feature extraction for a frozen backbone.
+"""One training epoch, one evaluation pass, and a set's outputs (logits and pooled features).
 
 The functions take batches from any iterable and a `prepare` function that turns a batch into the
 model's input on its device: uint8 images are normalised there (`images.normalize`), cached
@@ -25,7 +25,6 @@ __all__ = [
     "EpochStats",
     "EvalResult",
     "evaluate",
-    "extract_features",
     "outputs",
     "train_one_epoch",
 ]
@@ -231,17 +230,3 @@ def outputs(
                 kept_logits.append(model(prepare(images)).float().cpu())
             kept_labels.append(labels)
     return Outputs(torch.cat(kept_logits), torch.cat(features)), torch.cat(kept_labels)
-
-
-@torch.inference_mode()
-def extract_features(
-    backbone: nn.Module, batches: Iterable[Batch], prepare: Prepare, hw: Hardware
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled features (float32, on CPU) and labels of every batch, through a frozen backbone."""
-    backbone.eval()
-    features, targets = [], []
-    for images, labels in batches:
-        with _autocast(hw):
-            features.append(backbone(prepare(images)).float().cpu())
-        targets.append(labels)
-    return torch.cat(features), torch.cat(targets)
