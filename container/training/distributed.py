@@ -32,8 +32,8 @@ from container.training.errors import ConfigError
 __all__ = [
     "Rank",
     "World",
+    "all_max",
     "all_reduce_sum",
-    "any_true",
     "broadcast_object",
     "join",
     "leave",
@@ -214,14 +214,14 @@ def all_reduce_sum(tensor: torch.Tensor, rank: Rank) -> torch.Tensor:
     return tensor
 
 
-def any_true(flags: tuple[bool, ...], rank: Rank, device: torch.device) -> tuple[bool, ...]:
-    """Each flag true on every process when it is true on any, in one all-reduce: ranks must
-    stop at the same step."""
+def all_max(values: tuple[float, ...], rank: Rank, device: torch.device) -> tuple[float, ...]:
+    """Each value's maximum over all processes, in one all-reduce (float64: step numbers stay
+    exact), so that every process takes the same decision (a no-op in a single process)."""
     if not rank.distributed:
-        return flags
-    value = torch.tensor([1.0 if flag else 0.0 for flag in flags], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return tuple(bool(v) for v in value.tolist())
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tuple(tensor.tolist())
 
 
 def broadcast_object(obj: T | None, rank: Rank) -> T:

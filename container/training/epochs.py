@@ -7,7 +7,6 @@ line, and (rank 0) writes the model when it is the best so far and a checkpoint.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import platform
@@ -45,6 +44,7 @@ from container.training.rule_recorder import (
     divergence_error,
 )
 from container.training.state import Best, Parts, RunState, StopRequest
+from container.training.step_checks import NonFiniteLossError, StepChecks, check_interval
 
 __all__ = ["evaluate_best", "loading", "train_epochs", "write_model"]
 
@@ -128,27 +128,19 @@ class _FeatureCache:
 # --- epochs -------------------------------------------------------------------------------------
 
 
-def _after_step(
+def _checks(
     parts: Parts, state: RunState, stop: StopRequest, recorder: RuleRecorder | None
-) -> Callable[[float], bool]:
-    """What the loop calls after each step: record it for the rules (rank 0), fail at once on a
-    NaN or infinite loss and stop on a signal, every process at the same step."""
-    rank, device, hw = parts.rank, parts.hw.device, parts.hw
-    steps = itertools.count(state.epoch * parts.steps_per_epoch + state.step)
-
-    def after_step(loss: float) -> bool:
-        step, finite = next(steps), math.isfinite(loss)
-        if recorder is not None:
-            recorder.record_step(step, loss)
-        diverged, stopping = distributed.any_true((not finite, bool(stop)), rank, device)
-        if diverged:
-            if recorder is not None:
-                recorder.diverged(step, state.history, parts.steps_per_epoch)
-            what = f"the training loss became {loss}" if not finite else "another process's loss"
-            raise divergence_error(what, step, parts.settings.hp.lr, hw.precision)
-        return stopping
-
-    return after_step
+) -> StepChecks:
+    """What the loop calls after each step: record it for the rules (rank 0), and every
+    `check_steps` fail on a NaN or infinite loss or stop on a signal, every process at one step."""
+    return StepChecks(
+        rank=parts.rank,
+        device=parts.hw.device,
+        first_step=state.epoch * parts.steps_per_epoch + state.step,
+        interval=check_interval(parts.settings.hp.check_steps, parts.hw.device),
+        stop=lambda: bool(stop),
+        recorder=recorder,
+    )
 
 
 def _epoch(
@@ -177,18 +169,26 @@ def _epoch(
     module.train(not frozen)  # a frozen backbone runs in eval mode: fixed BatchNorm statistics
     if hook is not None:
         hook.set_mode(training=True)
-    stats = train_one_epoch(
-        module,
-        train_batches(train_set, loading(parts, train_set), state.epoch, state.step),
-        prepare,
-        criterion=parts.criterion,
-        optimizer=parts.optimizer,
-        scheduler=parts.scheduler,
-        scaler=parts.scaler,
-        hw=parts.hw,
-        profiler=parts.profiler,
-        should_stop=_after_step(parts, state, stop, recorder),
-    )
+    try:
+        stats = train_one_epoch(
+            module,
+            train_batches(train_set, loading(parts, train_set), state.epoch, state.step),
+            prepare,
+            criterion=parts.criterion,
+            optimizer=parts.optimizer,
+            scheduler=parts.scheduler,
+            scaler=parts.scaler,
+            hw=parts.hw,
+            profiler=parts.profiler,
+            checks=_checks(parts, state, stop, recorder),
+        )
+    except NonFiniteLossError as exc:
+        if recorder is not None:
+            recorder.diverged(exc.last_step, state.history, parts.steps_per_epoch)
+        what = (
+            "another process's loss" if exc.loss is None else f"the training loss became {exc.loss}"
+        )
+        raise divergence_error(what, exc.step, hp.lr, parts.hw.precision) from None
     totals = torch.tensor(
         [stats.loss_sum, stats.correct, stats.images], dtype=torch.float64, device=parts.hw.device
     )

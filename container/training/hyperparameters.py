@@ -88,6 +88,13 @@ class Hyperparameters(HyperparameterSchema):
     processes_per_host: int | Literal["auto"] = Field(
         "auto", description="Training processes per host; auto = one per GPU, or 1 on CPU."
     )
+    check_steps: int | Literal["auto"] = Field(
+        "auto",
+        description="Steps between checks of the training loss (NaN or infinite fails the job) "
+        "and, with several processes, between their agreements to stop (SIGTERM); each check "
+        "waits for the GPU to finish its queued work. auto: every step on CPU, every 20 on GPU. "
+        "A single process reads a stop signal after every step whatever this says.",
+    )
     checkpoint_epochs: int = Field(
         1,
         ge=1,
@@ -137,9 +144,9 @@ class Hyperparameters(HyperparameterSchema):
     def _check_ranges(self) -> Hyperparameters:
         if self.frozen_epochs > self.epochs:
             raise ValueError(f"frozen_epochs={self.frozen_epochs} exceeds epochs={self.epochs}")
-        for name in ("workers", "processes_per_host"):
+        for name, least in (("workers", 0), ("processes_per_host", 1), ("check_steps", 1)):
             value = getattr(self, name)
-            if isinstance(value, int) and value < (0 if name == "workers" else 1):
+            if isinstance(value, int) and value < least:
                 raise ValueError(f"{name}={value} is out of range")
         return self
 

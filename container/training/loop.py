@@ -20,6 +20,7 @@ from container.abstention import Outputs
 from container.training.distributed import Rank, all_reduce_sum, gather_shards
 from container.training.hardware import Hardware
 from container.training.profiler import Profiler
+from container.training.step_checks import StepChecks
 
 __all__ = [
     "EpochStats",
@@ -105,10 +106,10 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler,
     hw: Hardware,
     profiler: Profiler,
-    should_stop: Callable[[float], bool],
+    checks: StepChecks,
 ) -> EpochStats:
-    """Train over `batches`; after each step, `should_stop(loss)` gets its loss (a float: the
-    caller checks it is finite) and stops the epoch early when it returns True."""
+    """Train over `batches`; `checks` gets each step's loss, left on the device (reading it would
+    wait for the GPU), and stops the epoch early when it says so."""
     stats = EpochStats()
     loss_sum = torch.zeros((), device=hw.device, dtype=torch.float64)
     correct = torch.zeros((), device=hw.device, dtype=torch.int64)
@@ -131,9 +132,11 @@ def train_one_epoch(
         stats.images += targets.numel()
         stats.steps += 1
         profiler.end_step()
-        if should_stop(float(loss.detach())):
+        if checks.after_step(loss):
             stats.stopped = True
             break
+    else:
+        stats.stopped = checks.finish()
     stats.loss_sum = float(loss_sum)
     stats.correct = int(correct)
     return stats

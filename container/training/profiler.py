@@ -5,15 +5,21 @@ loop times its phases itself and a background thread samples CPU, memory and GPU
 step's duration is kept too (one float per step), and the time from the process's start to the first
 step: what SageMaker's StepOutlier and MaxInitializationTime rules look at. `findings` judges the
 result; `reports` turns it into profile.json and profile.html.
+
+What a phase's seconds are depends on the device (`timing`). On the CPU, the host's clock. On a GPU,
+the device's timeline between CUDA events marked at the phase's ends, read once per epoch without
+waiting for the GPU in between: forward_backward and optimizer are the GPU's time for their work;
+data (waiting for a batch) is the time the GPU sat idle for want of one, so it is near zero while
+the loader keeps ahead of the GPU, however long the host itself waits; evaluation and checkpoint
+start with the GPU idle and end by waiting for their results, so theirs is their wall time. A
+step's time (`step_s`) is on the same timeline as its phases, so they add up alike on both devices.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -21,10 +27,13 @@ import psutil
 import pynvml
 import torch
 
+from container.training.timing import Timeline, clock_for
+
 __all__ = ["PHASES", "EpochProfile", "Profiler", "SystemSample"]
 
 PHASES = ("data", "forward_backward", "optimizer", "evaluation", "checkpoint")
-"""Where an epoch's wall time goes; `data` is time spent waiting for the next batch."""
+"""Where an epoch's time goes; `data` is time spent waiting for the next batch (on a GPU, the
+GPU's: see the module's docstring)."""
 
 
 @dataclass(frozen=True)
@@ -50,7 +59,8 @@ class EpochProfile:
     seconds: dict[str, float]
     train_images: int
     wall_s: float
-    step_s: list[float] = field(default_factory=list)  # each training step, data wait included
+    # Each training step, from the end of the step before: data wait and loss checks included.
+    step_s: list[float] = field(default_factory=list)
 
     @property
     def images_per_sec(self) -> float:
@@ -94,7 +104,7 @@ class Profiler:
     samples: list[SystemSample] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self._current: dict[str, float] = defaultdict(float)
+        self._timeline = Timeline(clock_for(self.device))
         self._epoch_start = time.monotonic()
         self._start = time.monotonic()
         self._stop = threading.Event()
@@ -103,8 +113,6 @@ class Profiler:
         # With several processes per host this one was spawned a moment after `train` started.
         self._process_start = self._process.create_time()
         self._first_step: float | None = None  # wall clock (time.time) at the first step
-        self._steps: list[float] = []
-        self._step_mark = time.perf_counter()
         self._thread = threading.Thread(target=self._sample_loop, name="profiler", daemon=True)
 
     def start(self) -> None:
@@ -142,49 +150,37 @@ class Profiler:
                 )
             )
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        """Time a phase; on GPU the queue is drained first so time lands where it is spent."""
-        self._sync()
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._sync()
-            self._current[name] += time.perf_counter() - start
+    def phase(self, name: str) -> AbstractContextManager[None]:
+        """Time a phase, without waiting for the GPU (its seconds are read at the epoch's end)."""
+        return self._timeline.phase(name)
 
     def start_steps(self) -> None:
         """The training loop is about to wait for its first batch of the epoch."""
         if self._first_step is None:
             self._first_step = time.time()
-        self._step_mark = time.perf_counter()
+        self._timeline.start_steps()
 
     def end_step(self) -> None:
         """A training step ended: its duration (batch wait included) is kept for the epoch."""
-        now = time.perf_counter()
-        self._steps.append(round(now - self._step_mark, 5))
-        self._step_mark = now
+        self._timeline.end_step()
 
     def images_per_sec(self, train_images: int) -> float:
-        """Training throughput of the epoch in progress, so far."""
-        return _images_per_sec(self._current, train_images)
+        """Training throughput of the epoch in progress, so far (on a GPU, waits for it)."""
+        self._timeline.settle()
+        return _images_per_sec(self._timeline.seconds, train_images)
 
     def end_epoch(self, epoch: int, train_images: int) -> EpochProfile:
+        """Close the epoch's accounts (on a GPU, one wait for its last phase)."""
+        seconds, steps = self._timeline.take()
         now = time.monotonic()
         profile = EpochProfile(
             epoch=epoch,
-            seconds={name: round(self._current[name], 4) for name in PHASES},
+            seconds={name: round(seconds.get(name, 0.0), 4) for name in PHASES},
             train_images=train_images,
             wall_s=round(now - self._epoch_start, 4),
-            step_s=self._steps,
+            step_s=steps,
         )
         self.epochs.append(profile)
-        self._steps = []
-        self._current.clear()
         self._epoch_start = now
         return profile
 

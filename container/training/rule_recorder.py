@@ -155,11 +155,11 @@ class _StartWatch:
 class RuleRecorder:
     """What the rules read, recorded while the job trains (rank 0 only), and their log lines.
 
-    The loop calls `record_step` after every optimiser step (the loss is a float by then: the NaN
-    check needs it anyway); gradients are read every `interval` steps, and at every one of the
-    first steps of a run from step 0 for poor_weight_initialization. `check` evaluates the rules
-    on what was recorded (after each epoch, and at the end) and logs each rule the first time it
-    fires.
+    After every optimiser step the loop calls `record_gradients`, which reads the gradients every
+    `interval` steps, and at every one of the first steps of a run from step 0 for
+    poor_weight_initialization; each step's loss comes later, with `record_loss`, when the loop's
+    checks read the losses from the device (`step_checks`). `check` evaluates the rules on what
+    was recorded (after each epoch, and at the end) and logs each rule the first time it fires.
     """
 
     def __init__(self, model: nn.Module, *, first_step: int, interval: int) -> None:
@@ -170,10 +170,13 @@ class RuleRecorder:
         self._start = _StartWatch(model, steps=10) if first_step == 0 else None
         self._logged: set[str] = set()
 
-    def record_step(self, step: int, loss: float) -> None:
-        """After optimiser step `step`, whose loss was `loss`."""
+    def record_loss(self, step: int, loss: float) -> None:
+        """Optimiser step `step`'s loss (NaN and infinity are left out)."""
         if math.isfinite(loss):
             self.losses.append((step, loss))
+
+    def record_gradients(self, step: int) -> None:
+        """Right after optimiser step `step`, while the gradients are that step's."""
         if self._start is not None:
             self._start.after_step(step, self._model)
         if step % self.interval == 0:
@@ -183,8 +186,8 @@ class RuleRecorder:
     def diverged(
         self, step: int, history: Sequence[Mapping[str, Any]], steps_per_epoch: int
     ) -> None:
-        """The job is about to stop on a NaN or infinite loss: record the gradients `step` left
-        behind (exploding_tensor's evidence) and log what the rules saw."""
+        """The job is about to stop on a NaN or infinite loss: record the gradients that `step`, the
+        last one run, left behind (exploding_tensor's evidence) and log what the rules saw."""
         if not self.gradients or self.gradients[-1].step != step:
             l2, mean_abs = _gradients(self._model)
             self.gradients.append(GradientRecord(step, l2, mean_abs))

@@ -312,7 +312,8 @@ def exploding_tensor(records: Sequence[GradientRecord], *, only_nan: bool = Fals
     the service checks every saved tensor; here the gradients, where an explosion shows first.
     Adapted: judged from each layer's gradient norms, which are non-finite exactly when the tensor
     holds a non-finite value (or values so large that their norm overflows: exploding either way).
-    Gradients are also recorded at the step where the loss became non-finite, which stops the job.
+    Gradients are also recorded when a non-finite loss stops the job, at the last step run (the
+    loss is checked every `check_steps`: on CPU, that step).
     """
     name = "exploding_tensor"
     if not any(r.l2 for r in records):

@@ -1,7 +1,7 @@
 """What a training process holds while it runs: its built parts, its progress, a stop request.
 
 `Parts` never changes once built; `RunState` is the progress the loop advances and every checkpoint
-saves; `StopRequest` is set by a signal handler and read between steps.
+saves; `StopRequest` is set by a signal handler and read between steps (`step_checks`).
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ class StopRequest:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if not self._event.is_set():
             logger.warning(
-                "%s received: finishing the current step, then saving a checkpoint and the model",
+                "%s received: stopping after the current step (several processes: at their next "
+                "check_steps check), then saving a checkpoint and the model",
                 signal.Signals(signum).name,
             )
         self._event.set()

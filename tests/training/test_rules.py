@@ -176,7 +176,8 @@ def test_recorder_reads_a_real_network() -> None:
     for step in range(3):
         model.zero_grad()
         model(torch.randn(2, 3, 32, 32)).sum().backward()
-        recorder.record_step(step, 1.0)
+        recorder.record_gradients(step)
+        recorder.record_loss(step, 1.0)
     report = recorder.report([], steps_per_epoch=3)
     evidence = report["rule_evidence"]
     variances = evidence["relu_input_variance"]
@@ -331,8 +332,11 @@ def test_badly_scaled_starting_weights(run_job: RunJob, dataset: Path, tmp_path:
 
 
 def test_a_loss_that_becomes_nan_stops_every_process_without_a_model(run_job: RunJob) -> None:
-    """Two processes agree on the stop at the step the loss broke: none hangs in a collective."""
-    job, run = run_job("nan", {"epochs": 2, "lr": 10_000.0, "processes_per_host": 2})
+    """Two processes agree on the stop at the step the loss broke: none hangs in a collective.
+    They check every third step (on the CPU, every step unless told), as a GPU job does every 20:
+    the job fails at the next check, naming the step that broke."""
+    hp = {"epochs": 2, "lr": 10_000.0, "processes_per_host": 2, "check_steps": 3}
+    job, run = run_job("nan", hp)
     assert run.returncode == 1, run.stderr
     failure = job.failure()
     assert failure is not None, run.stderr
