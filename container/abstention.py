@@ -29,7 +29,7 @@ channel as "none of these": it is never a label; when it is the highest, the ima
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, get_args
 
 import torch
@@ -47,6 +47,8 @@ __all__ = [
     "answer",
     "calibrated",
     "confidence",
+    "matched",
+    "spread",
 ]
 
 Score = Literal["probability", "margin", "energy", "mahalanobis", "combined"]
@@ -195,6 +197,28 @@ def confidence(outputs: Outputs, score: Score, policy: Policy) -> torch.Tensor:
         return top[..., 0]
     second = top[..., 1] if top.shape[-1] > 1 else torch.zeros_like(top[..., 0])
     return top[..., 0] - second
+
+
+def spread(scores: torch.Tensor) -> tuple[float, float]:
+    """Mean and standard deviation (1 when there is no spread to measure): a `combined` scale."""
+    std = float(scores.std()) if len(scores) > 1 else 0.0
+    return float(scores.mean()), std if std > 0 else 1.0
+
+
+def matched(policy: Policy, reference: Outputs, other: Outputs) -> Policy:
+    """`policy` for another form of the same network (int8), from both forms' outputs on the
+    same images: the combined score's scales measured on `other`'s, and the threshold moved to
+    abstain on as many of them as `policy` does on `reference` (the scores rank images alike,
+    but quantized features shift the feature distances)."""
+    if policy.threshold is None:
+        return policy
+    scales: dict[str, tuple[float, float]] = {
+        part: spread(confidence(other, part, policy)) for part in COMBINED
+    }
+    moved = replace(policy, scales=scales if policy.scales is not None else None)
+    declined = int((confidence(reference, policy.score, policy) < policy.threshold).sum())
+    ranked = confidence(other, policy.score, moved).sort().values
+    return replace(moved, threshold=float(ranked[min(declined, len(ranked) - 1)]))
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,12 @@ The artifact is a flat directory (SageMaker tars it into model.tar.gz as is):
 - `classes.json`: the class names, index i naming output i;
 - `feature_stats.pt` (when trained with calibration): the feature statistics of the abstention
   policy's `mahalanobis` score, tensors only, like model.pt;
+- `model_int8.pt` (when the int8 model passed its gate at training): the state_dict of the
+  post-training quantized network (container/int8.py), tensors only, so the server loads it
+  without calibration data;
 - `model_meta.json`: architecture, preprocessing, metrics, versions and `model_version`, a content
-  hash of the weights, the abstention policy, written last so that a complete meta means a
-  complete artifact.
+  hash of the weights, the abstention policy, the int8 gate's result, written last so that a
+  complete meta means a complete artifact.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,10 +38,12 @@ __all__ = [
     "ARCHITECTURES",
     "CLASSES_FILE",
     "FEATURE_STATS_FILE",
+    "INT8_FILE",
     "META_FILE",
     "WEIGHTS_FILE",
     "Artifact",
     "ArtifactError",
+    "WithFeatures",
     "backbone",
     "build",
     "load_artifact",
@@ -48,6 +55,7 @@ WEIGHTS_FILE = "model.pt"
 CLASSES_FILE = "classes.json"
 META_FILE = "model_meta.json"
 FEATURE_STATS_FILE = "feature_stats.pt"
+INT8_FILE = "model_int8.pt"
 FORMAT_VERSION = 1
 
 ARCHITECTURES: dict[str, Callable[..., models.ResNet]] = {
@@ -72,6 +80,20 @@ def backbone(model: models.ResNet) -> nn.Module:
     """The network up to its pooled features: the same modules (shared weights) minus the head."""
     layers = [module for name, module in model.named_children() if name != "fc"]
     return nn.Sequential(*layers, nn.Flatten())
+
+
+class WithFeatures(nn.Module):
+    """The network, answering its logits and the pooled features they are computed from (what
+    serving runs, in every precision, and what int8 quantization converts)."""
+
+    def __init__(self, model: models.ResNet) -> None:
+        super().__init__()
+        self.body = backbone(model)
+        self.fc = model.fc
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.body(x)
+        return self.fc(features), features
 
 
 def load_backbone_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
@@ -104,6 +126,8 @@ class Artifact:
     classes: list[str]
     meta: dict[str, Any]
     feature_stats: dict[str, torch.Tensor] | None = None
+    int8_state: dict[str, Any] | None = None
+    """The quantized network's state_dict (`INT8_FILE`), when it passed its gate."""
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -128,6 +152,17 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _save_tensors(path: Path, tensors: Mapping[str, Any]) -> None:
+    """Tensors (and what a quantized state_dict holds besides: dtypes, packed parameters, and
+    the module versions in `_metadata` that its loading reads)."""
+    on_cpu = OrderedDict(
+        (k, v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in tensors.items()
+    )
+    if hasattr(tensors, "_metadata"):
+        on_cpu._metadata = tensors._metadata  # type: ignore[attr-defined]
+    write_atomically(path, lambda p: torch.save(on_cpu, p))
+
+
 def save_artifact(
     model_dir: Path,
     state_dict: Mapping[str, torch.Tensor],
@@ -137,18 +172,17 @@ def save_artifact(
     preprocessing: Preprocessing,
     extra_meta: Mapping[str, Any],
     feature_stats: Mapping[str, torch.Tensor] | None = None,
+    int8_state: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write the artifact into `model_dir` (each file atomically) and return its metadata."""
     model_dir.mkdir(parents=True, exist_ok=True)
-    stats_file = model_dir / FEATURE_STATS_FILE
-    if feature_stats is not None:
-        stats = {k: v.detach().cpu() for k, v in feature_stats.items()}
-        write_atomically(stats_file, lambda p: torch.save(stats, p))
-    else:
-        stats_file.unlink(missing_ok=True)  # an earlier write's, no longer this model's
+    for name, tensors in ((FEATURE_STATS_FILE, feature_stats), (INT8_FILE, int8_state)):
+        if tensors is not None:
+            _save_tensors(model_dir / name, tensors)
+        else:
+            (model_dir / name).unlink(missing_ok=True)  # an earlier write's, not this model's
     weights = model_dir / WEIGHTS_FILE
-    cpu_state = {k: v.detach().cpu() for k, v in state_dict.items()}
-    write_atomically(weights, lambda p: torch.save(cpu_state, p))
+    _save_tensors(weights, state_dict)
     sha = _sha256(weights)
     meta = {
         "format_version": FORMAT_VERSION,
@@ -192,12 +226,23 @@ def load_artifact(model_dir: Path, device: torch.device | str = "cpu") -> Artifa
         model.load_state_dict(state)
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as exc:
         raise ArtifactError(f"{model_dir / WEIGHTS_FILE} does not load: {exc}") from exc
-    stats = None
-    if (model_dir / FEATURE_STATS_FILE).is_file():
-        try:
-            stats = torch.load(
-                model_dir / FEATURE_STATS_FILE, map_location="cpu", weights_only=True
-            )
-        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as exc:
-            raise ArtifactError(f"{model_dir / FEATURE_STATS_FILE} does not load: {exc}") from exc
-    return Artifact(model=model.to(device).eval(), classes=classes, meta=meta, feature_stats=stats)
+    return Artifact(
+        model=model.to(device).eval(),
+        classes=classes,
+        meta=meta,
+        feature_stats=_tensors(model_dir / FEATURE_STATS_FILE),
+        int8_state=_tensors(model_dir / INT8_FILE),
+    )
+
+
+def _tensors(path: Path) -> dict[str, Any] | None:
+    """An optional file of tensors (None when absent); ArtifactError when it does not load."""
+    if not path.is_file():
+        return None
+    try:
+        with warnings.catch_warnings():
+            # Quantized tensors load through TypedStorage, which torch calls deprecated.
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)  # type: ignore[no-any-return]
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as exc:
+        raise ArtifactError(f"{path} does not load: {exc}") from exc

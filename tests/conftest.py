@@ -26,7 +26,8 @@ from container.training.metrics import METRIC_DEFINITIONS
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "train"
 
-# Small and fast: 32 px images, two epochs, no download attempts, no worker processes.
+# Small and fast: 32 px images, two epochs, no download attempts, no worker processes, no int8
+# network (the `trained` model and tests/training/test_quantization.py have theirs).
 FAST: dict[str, Any] = {
     "epochs": 2,
     "batch_size": 8,
@@ -34,6 +35,7 @@ FAST: dict[str, Any] = {
     "pretrained": False,
     "workers": 0,
     "warmup_epochs": 0,
+    "int8": False,
 }
 
 
@@ -181,8 +183,9 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("dataset"), SampleSpec())
 
 
-MODEL = {**FAST, "epochs": 5, "image_size": 128, "lr": 0.02, "warmup_epochs": 0.5}
-"""128 px: a 4x4 Grad-CAM map; 5 epochs: a model that tells the sample classes apart."""
+MODEL = {**FAST, "epochs": 5, "image_size": 128, "lr": 0.02, "warmup_epochs": 0.5, "int8": True}
+"""128 px: a 4x4 Grad-CAM map; 5 epochs: a model that tells the sample classes apart; its int8
+network, as every job's by default."""
 
 
 def _new_job(

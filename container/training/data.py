@@ -43,6 +43,7 @@ __all__ = [
     "FoundImages",
     "ImageFolderDataset",
     "ImageSet",
+    "balanced",
     "build_splits",
     "find_images",
     "probe_images",
@@ -363,6 +364,19 @@ def build_splits(
     return DatasetSplits(
         found.class_folders, train, sets["valid"], sets.get("test"), unknown, train_unknown
     )
+
+
+def balanced(samples: Sequence[tuple[str, int]], classes: int, limit: int) -> list[tuple[str, int]]:
+    """At most `limit` of `samples` (of labels below `classes`), the same number from each class
+    where they have it, in their order."""
+    per_class = -(-limit // classes)
+    taken: dict[int, int] = {}
+    kept = []
+    for path, label in samples:
+        if label < classes and taken.get(label, 0) < per_class:
+            taken[label] = taken.get(label, 0) + 1
+            kept.append((path, label))
+    return kept
 
 
 def _check_names(folders: Iterable[str]) -> None:

@@ -13,7 +13,7 @@ import platform
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import PIL
@@ -25,6 +25,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from container.abstention import Policy
 from container.images import normalize
+from container.int8 import META_KEY as INT8_META_KEY
 from container.model import save_artifact
 from container.training import distributed, metrics
 from container.training.checkpoint import save_checkpoint, snapshot
@@ -45,6 +46,9 @@ from container.training.rule_recorder import (
 )
 from container.training.state import Best, Parts, RunState, StopRequest
 from container.training.step_checks import NonFiniteLossError, StepChecks, check_interval
+
+if TYPE_CHECKING:  # quantization reads the model through trust, which imports this module
+    from container.training.quantization import Int8Result
 
 __all__ = ["evaluate_best", "loading", "train_epochs", "write_model"]
 
@@ -225,10 +229,14 @@ def _versions() -> dict[str, str]:
 
 
 def write_model(
-    parts: Parts, state: RunState, metrics_: dict[str, Any], policy: Policy | None = None
+    parts: Parts,
+    state: RunState,
+    metrics_: dict[str, Any],
+    policy: Policy | None = None,
+    int8: Int8Result | None = None,
 ) -> dict[str, Any]:
     """The artifact of the best model so far (or the current one if no epoch completed); the
-    final one carries its calibration and abstention `policy`."""
+    final one carries its calibration and abstention `policy` and its `int8` network."""
     best = state.best
     weights = best.state_dict if best is not None else parts.model.state_dict()
     settings = parts.settings
@@ -251,8 +259,10 @@ def write_model(
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "versions": _versions(),
             **({"abstention": policy.to_meta()} if policy is not None else {}),
+            **({INT8_META_KEY: int8.meta} if int8 is not None else {}),
         },
         feature_stats=policy.gaussian.to_tensors() if policy and policy.gaussian else None,
+        int8_state=int8.state if int8 is not None else None,
     )
 
 

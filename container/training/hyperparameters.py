@@ -139,6 +139,25 @@ class Hyperparameters(HyperparameterSchema):
         description='Train one more output, "none of these", on two thirds of the `unknown` '
         "channel; the server reports it as an abstention, never as a label.",
     )
+    int8: bool = Field(
+        True,
+        description="Quantize the final model to int8 (calibrated on up to 256 training images) "
+        "and ship it where it passes the gate below on valid; the server may then run it.",
+    )
+    int8_min_agreement: float = Field(
+        0.99,
+        ge=0,
+        le=1,
+        description="The int8 gate: the least share of validation images whose int8 top-1 "
+        "equals fp32's.",
+    )
+    int8_max_accuracy_drop: float = Field(
+        0.005,
+        ge=0,
+        le=1,
+        description="The int8 gate: the most validation accuracy int8 may lose against fp32 "
+        "(0.005: half a point).",
+    )
 
     @model_validator(mode="after")
     def _check_ranges(self) -> Hyperparameters:

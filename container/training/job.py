@@ -30,6 +30,7 @@ from container.training.loop import EvalResult
 from container.training.optim import build_optimizer, build_scheduler
 from container.training.pretrained import find_pretrained
 from container.training.profiler import Profiler
+from container.training.quantization import quantize
 from container.training.reports import evaluation_report, write_evaluation, write_profile
 from container.training.rule_recorder import (
     RuleRecorder,
@@ -214,7 +215,8 @@ def _finish(
             f"{prefix}_acc": result.accuracy,
         }
     trust = assess(parts, results)
-    meta = write_model(parts, state, final, trust.policy)
+    int8 = quantize(parts, trust.policy)
+    meta = write_model(parts, state, final, trust.policy, int8)
     out = settings.opt_ml.output_data_dir
     write_evaluation(
         out,
@@ -225,10 +227,18 @@ def _finish(
             history=state.history,
             best_epoch=best_epoch,
             trust=trust,
+            int8=None if int8 is None else int8.meta,
         )
         | (recorder.report(state.history, parts.steps_per_epoch) if recorder else {}),
     )
-    profile = {"setup": _profile_setup(parts), **parts.profiler.to_json()}
+    after = {"calibration and abstention": trust.calibration["seconds"]}
+    if int8 is not None:
+        after["int8 quantization and gate"] = int8.meta["seconds"]
+    profile = {
+        "setup": _profile_setup(parts),
+        **parts.profiler.to_json(),
+        "after_epochs_s": after,
+    }
     found = findings.judge(profile)
     findings.log_issues(found)
     write_profile(out, {"findings": [f.to_json() for f in found], **profile})

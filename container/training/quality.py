@@ -171,6 +171,13 @@ def findings(report: Mapping[str, Any]) -> list[dict[str, str]]:
                 "an `unknown` channel of other animals, people and objects to set and check the "
                 "threshold on them.",
             )
+    int8 = report.get("int8")
+    if int8:
+        say(
+            "good" if int8["passed"] else "weak",
+            f"int8: {'ships' if int8['passed'] else 'not shipped (the server runs fp32 or bf16)'}"
+            f": {int8['reason']}.",
+        )
     return said
 
 

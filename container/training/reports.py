@@ -68,9 +68,10 @@ def evaluation_report(
     history: Sequence[Mapping[str, float | int]],
     best_epoch: int | None,
     trust: Trust | None = None,
+    int8: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The evaluation record: final metrics per split and per class, where the model is weak,
-    calibration and abstention, the training curves, and findings in words."""
+    calibration and abstention, the int8 gate, the training curves, and findings in words."""
     classes = splits.classes
     samples = {s.channel: s.samples for s in splits.sets}
     report: dict[str, Any] = {
@@ -92,6 +93,8 @@ def evaluation_report(
     }
     if trust is not None:
         report |= {"calibration": trust.calibration, "abstention": trust.abstention}
+    if int8 is not None:
+        report["int8"] = dict(int8)
     return {"findings": findings(report), **report}
 
 
@@ -256,6 +259,10 @@ def _profile_html(profile: Mapping[str, Any]) -> str:
             html_page.table(["epoch", "images", "images/s", "wall s", *PHASES], rows),
         ),
     ]
+    after = profile.get("after_epochs_s")
+    if after:
+        section = html_page.table(["step", "seconds"], list(after.items()))
+        sections.append(html_page.section("After the epochs (rank 0)", section))
     samples = profile["samples"]
     if samples:
         cpu = [s["cpu_percent"] for s in samples]

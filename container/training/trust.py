@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -29,6 +29,7 @@ from container.abstention import (
     Score,
     calibrated,
     confidence,
+    spread,
 )
 from container.images import normalize
 from container.training.calibration import (
@@ -40,14 +41,22 @@ from container.training.calibration import (
     reliability,
     risk_coverage,
 )
-from container.training.data import ImageFolderDataset
+from container.training.data import ImageFolderDataset, balanced
 from container.training.distributed import Rank
 from container.training.epochs import loading
-from container.training.loader import eval_batches
+from container.training.loader import Batch, eval_batches
 from container.training.loop import EvalResult, outputs
 from container.training.state import Parts
 
-__all__ = ["GAUSSIAN_IMAGES", "SYNTHETIC_PER_KIND", "Trust", "assess", "synthetic_negatives"]
+__all__ = [
+    "GAUSSIAN_IMAGES",
+    "SYNTHETIC_PER_KIND",
+    "Trust",
+    "abstains",
+    "assess",
+    "synthetic_negatives",
+    "unsharded",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -69,13 +78,17 @@ class Trust:
     abstention: dict[str, Any]
 
 
+def unsharded(parts: Parts, dataset: Dataset[Any]) -> Iterator[Batch]:
+    """Every batch of a set, in this process alone (rank 0 runs what follows the epochs)."""
+    return eval_batches(dataset, replace(loading(parts, dataset, evaluation=True), rank=_ALONE))
+
+
 def _outputs(parts: Parts, dataset: Dataset[Any]) -> Outputs:
-    """The model's outputs for a whole set, in this process alone (rank 0 runs this module)."""
+    """The model's outputs for a whole set, in this process alone."""
     hp = parts.settings.hp
-    settings = replace(loading(parts, dataset, evaluation=True), rank=_ALONE)
     result, _ = outputs(
         parts.model,
-        eval_batches(dataset, settings),
+        unsharded(parts, dataset),
         lambda batch: normalize(batch, parts.prep, parts.hw.device, hp.channels_last),
         parts.hw,
     )
@@ -86,13 +99,7 @@ def _fit_gaussian(parts: Parts) -> FeatureGaussian:
     """Class means and shared covariance of the features of (at most GAUSSIAN_IMAGES) training
     images, unaugmented, the same number from each class where they have it."""
     classes = len(parts.splits.classes)
-    per_class = -(-GAUSSIAN_IMAGES // classes)
-    taken: dict[int, int] = {}
-    samples = []
-    for path, label in parts.splits.train.samples:
-        if label < classes and taken.get(label, 0) < per_class:
-            taken[label] = taken.get(label, 0) + 1
-            samples.append((path, label))
+    samples = balanced(parts.splits.train.samples, classes, GAUSSIAN_IMAGES)
     result = _outputs(parts, ImageFolderDataset(samples, parts.prep, augment=False))
     labels = torch.tensor([label for _, label in samples])
     return FeatureGaussian.fit(result.features, labels, classes)
@@ -150,7 +157,7 @@ def _calibration(result: EvalResult, temperature: float) -> dict[str, Any]:
     }
 
 
-def _abstains(result: Outputs, policy: Policy) -> torch.Tensor:
+def abstains(result: Outputs, policy: Policy) -> torch.Tensor:
     """Which rows the served policy abstains on (the unknown output or a low score)."""
     assert policy.threshold is not None
     low = confidence(result, policy.score, policy) < policy.threshold
@@ -167,12 +174,6 @@ def _worse_group(by_kind: Mapping[str, float | None]) -> float:
         values = [by_kind[kind] or 0.0 for kind in group]
         means.append(sum(values) / len(values))
     return min(means)
-
-
-def _scale(scores: torch.Tensor) -> tuple[float, float]:
-    """Mean and standard deviation (1 when there is no spread to measure)."""
-    std = float(scores.std()) if len(scores) > 1 else 0.0
-    return float(scores.mean()), std if std > 0 else 1.0
 
 
 def _share(flags: torch.Tensor) -> float | None:
@@ -208,7 +209,7 @@ def assess(parts: Parts, results: Mapping[str, EvalResult]) -> Trust:
         unknown_output=parts.splits.unknown_output,
         gaussian=_fit_gaussian(parts),
     )
-    base = replace(base, scales={part: _scale(confidence(valid, part, base)) for part in COMBINED})
+    base = replace(base, scales={part: spread(confidence(valid, part, base)) for part in COMBINED})
     valid_images = ImageFolderDataset(parts.splits.valid.samples, parts.prep, augment=False)
     synthetic = {
         kind: _outputs(parts, TensorDataset(images, torch.zeros(len(images), dtype=torch.long)))
@@ -258,7 +259,7 @@ def assess(parts: Parts, results: Mapping[str, EvalResult]) -> Trust:
     )
 
     focus, focus_labels = results.get("test", results["valid"]).kept()
-    answered = ~_abstains(focus, policy)
+    answered = ~abstains(focus, policy)
     focus_correct = focus.logits.argmax(dim=1) == focus_labels
     abstention = {
         "score": chosen,
@@ -277,10 +278,10 @@ def assess(parts: Parts, results: Mapping[str, EvalResult]) -> Trust:
             "coverage": _share(answered),
             "accuracy_answered": _share(focus_correct[answered]),
             "accuracy_all": _share(focus_correct),
-            "unknown_caught": None if unknown is None else _share(_abstains(unknown, policy)),
+            "unknown_caught": None if unknown is None else _share(abstains(unknown, policy)),
             "unknown_images": 0 if unknown is None else len(unknown.logits),
             "synthetic_caught": {
-                kind: _share(_abstains(result, policy)) for kind, result in synthetic.items()
+                kind: _share(abstains(result, policy)) for kind, result in synthetic.items()
             },
         },
         "risk_coverage": risk_coverage(confidence(focus, chosen, base), focus_correct),

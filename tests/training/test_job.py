@@ -124,6 +124,14 @@ def test_the_artifact_loads_and_says_what_it_is(learned: Ran) -> None:
     assert meta["hyperparameters"]["image_size"] == 64
     assert meta["pretrained_from"] == "random initialisation (pretrained=false)"
     assert meta["versions"]["torch"] == torch.__version__
+    # int8=false (FAST): no int8 network, and nothing that says there is one.
+    assert "int8" not in meta
+    assert sorted(p.name for p in job.opt_ml.model_dir.iterdir()) == [
+        "classes.json",
+        "feature_stats.pt",
+        "model.pt",
+        "model_meta.json",
+    ]
 
 
 def test_evaluation_report(learned: Ran) -> None:
