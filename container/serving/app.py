@@ -60,7 +60,7 @@ from container.serving.errors import (
     RequestTimeoutError,
     ServingError,
 )
-from container.serving.predictor import Predictor, Prepared, load_predictor
+from container.serving.predictor import PrecisionError, Predictor, Prepared, load_predictor
 from container.serving.settings import MiB, ServeSettings
 
 __all__ = ["app_from_environ", "create_app"]
@@ -145,6 +145,10 @@ class ServerState:
                 f"SERVE_DEVICE=cuda, but {exc}. {exc.probe.hosting_advice()}; "
                 "or SERVE_DEVICE=auto to serve on the CPU"
             )
+            logger.error("Not serving: %s", self.failure)
+            return
+        except PrecisionError as exc:
+            self.failure = str(exc)
             logger.error("Not serving: %s", self.failure)
             return
         except ArtifactError as exc:

@@ -1,20 +1,25 @@
 """The model as the server uses it: found, loaded, made fast, warmed up; images in, scores out.
 
-Serving runs the artifact's weights in reduced precision where the hardware has it (bf16 on CPUs
-with bf16 units, fp16 on GPUs), channels-last, and by default as TorchScript traced and frozen
-(BatchNorm folded into the convolutions). tests/serving/test_parity.py shows that this gives the
-same top-1 as the plain fp32 model on held-out images. Grad-CAM uses the fp32 module itself.
+Serving runs the network channels-last and by default as TorchScript traced and frozen (BatchNorm
+folded into the convolutions), in the precision SERVE_PRECISION names or, with `auto`, in the
+fastest of those this host and artifact allow, timed at warm-up at the batch sizes the server
+runs: fp32, bf16 (CPUs with native bf16 units), int8 (the CPU, when the artifact's int8 network
+passed its gate at training: container/int8.py), fp16/bf16/fp32 on a GPU. A CPU flag only says
+what may be tried; the measurement decides. tests/serving/test_parity.py shows that every form
+gives the same top-1 as the plain fp32 model on held-out images. Grad-CAM uses the fp32 module.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import statistics
+import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -22,19 +27,27 @@ from PIL import Image
 from torch import nn
 from torchvision.models import ResNet
 
-from container.abstention import Answer, Outputs, Override, answer
+from container import int8
+from container.abstention import Answer, Outputs, Override, Policy, answer
 from container.archives import ArchiveError, is_archive, unpack_once
 from container.decoding import Preprocessing, eval_box
 from container.devices import DeviceChoice, cpu_has_bf16, resolve_device
 from container.images import normalize
-from container.model import META_FILE, Artifact, ArtifactError, backbone, load_artifact
+from container.model import META_FILE, Artifact, ArtifactError, WithFeatures, load_artifact
 from container.serving.explain import grad_cam, overlay_png
 
-__all__ = ["Predictor", "Prepared", "find_model_dir", "load_predictor"]
+__all__ = [
+    "Measured",
+    "Precision",
+    "PrecisionError",
+    "Predictor",
+    "Prepared",
+    "candidates",
+    "find_model_dir",
+    "load_predictor",
+]
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -82,67 +95,168 @@ def find_model_dir(model_dir: Path, scratch: Path) -> Path:
     )
 
 
-def _dtype(precision: str, device: torch.device) -> torch.dtype:
-    if precision == "auto":
+Precision = Literal["fp32", "bf16", "fp16", "int8"]
+"""A form the server can run the network in; SERVE_PRECISION adds `auto` (measure, then choose)."""
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_ROUNDS = 3
+"""Timed passes per candidate and batch size when SERVE_PRECISION=auto measures."""
+
+
+class PrecisionError(ValueError):
+    """Raised when the SERVE_PRECISION asked for cannot run this model on this device; the
+    message says why and what to set instead (safe to show clients)."""
+
+
+def candidates(requested: str, device: torch.device, artifact: Artifact) -> list[Precision]:
+    """The precisions to run (`auto`: every one the device and the artifact allow, to measure);
+    PrecisionError when an explicit one cannot run."""
+    refused = int8.available(artifact)
+    if requested == "auto":
         if device.type == "cuda":
-            return torch.float16
-        return torch.bfloat16 if cpu_has_bf16() else torch.float32
-    if precision == "fp16" and device.type == "cpu":
+            return ["fp16", "bf16", "fp32"] if torch.cuda.is_bf16_supported() else ["fp16", "fp32"]
+        found: list[Precision] = ["fp32"]
+        if cpu_has_bf16():
+            found.append("bf16")
+        else:
+            logger.info("SERVE_PRECISION=auto: no bf16 (this CPU has no native bf16 units)")
+        if refused is None:
+            found.append("int8")
+        else:
+            logger.info("SERVE_PRECISION=auto: no int8 (%s)", refused)
+        return found
+    if requested == "int8":
+        if device.type != "cpu":
+            raise PrecisionError(
+                "SERVE_PRECISION=int8 runs on the CPU only; set SERVE_DEVICE=cpu, or "
+                "SERVE_PRECISION=auto"
+            )
+        if refused is not None:
+            raise PrecisionError(
+                f"SERVE_PRECISION=int8, but {refused}; set SERVE_PRECISION=auto or fp32"
+            )
+    if requested == "fp16" and device.type == "cpu":
         logger.warning("SERVE_PRECISION=fp16 is not fast on a CPU; serving in fp32")
-        return torch.float32
-    return _DTYPES[precision]
+        return ["fp32"]
+    return [cast(Precision, requested)]
+
+
+Run = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class _Form:
+    """The network in one precision: normalised float32 inputs in, logits and features out."""
+
+    precision: Precision
+    run: Run
+    device: torch.device  # where its inputs go
+    policy: Policy
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What SERVE_PRECISION=auto timed: seconds per image, by precision and batch size."""
+
+    seconds: dict[str, dict[int, float]]
+    chosen: str
+
+    def describe(self) -> str:
+        sizes = next(iter(self.seconds.values()))
+        timed = ", ".join(
+            f"{precision} " + " and ".join(f"{1000 * by_size[s]:.2f}" for s in sizes)
+            for precision, by_size in self.seconds.items()
+        )
+        return (
+            f"measured ms per image at batch {' and '.join(map(str, sizes))}: {timed}; "
+            f"serving {self.chosen}"
+        )
 
 
 class Predictor:
-    """Runs batches and explanations on prepared images (on the model's thread)."""
+    """Runs batches and explanations on prepared images (on the model's thread).
+
+    Built with one precision, or several to measure (`choose`), the network runs in the fastest.
+    """
 
     def __init__(
-        self, artifact: Artifact, device: torch.device, dtype: torch.dtype, optimize: bool
+        self,
+        artifact: Artifact,
+        device: torch.device,
+        precisions: Sequence[Precision],
+        optimize: bool,
     ) -> None:
         self.classes = artifact.classes
         self.model_version = artifact.model_version
         self.prep: Preprocessing = artifact.preprocessing
         self.device = device
-        self.dtype = dtype
-        self.policy = artifact.policy
         model = artifact.model.to(memory_format=torch.channels_last).eval()
         assert isinstance(model, ResNet)
         self._fp32 = model
-        self._fp32_outputs = _WithFeatures(model).eval()
-        self._fast: Any = _fast_model(model, dtype, self.prep, device) if optimize else None
-        self.form = (
-            f"{'TorchScript (traced, frozen)' if optimize else 'eager'} "
-            f"{str(dtype).removeprefix('torch.')} on {device}"
-        )
+        self._fp32_outputs = WithFeatures(model).eval()
+        self._optimize = optimize
+        self._forms = {p: self._build(p, artifact) for p in precisions}
+        self._form = self._forms[precisions[0]]
 
-    def _inputs(self, pixels: Sequence[torch.Tensor]) -> torch.Tensor:
-        return normalize(torch.stack(list(pixels)), self.prep, self.device)
+    @property
+    def precision(self) -> Precision:
+        return self._form.precision
 
-    @torch.inference_mode()
+    @property
+    def policy(self) -> Policy:
+        """The abstention policy for the outputs of the precision in use."""
+        return self._form.policy
+
+    @property
+    def form(self) -> str:
+        kind = "TorchScript (traced, frozen)" if self._optimize else "eager"
+        return f"{kind} {self.precision} on {self._form.device}"
+
+    def _build(self, precision: Precision, artifact: Artifact) -> _Form:
+        size = self.prep.image_size
+        if precision == "int8":
+            cpu = torch.device("cpu")
+            quantized = int8.load(self._fp32_outputs, artifact.int8_state or {}, size)
+            run = _traced(quantized, torch.float32, cpu, size) if self._optimize else quantized
+            return _Form("int8", run, cpu, int8.policy(artifact))
+        dtype = _DTYPES[precision]
+        if self._optimize:
+            low = WithFeatures(copy.deepcopy(self._fp32)).to(dtype=dtype).eval()
+            traced = _traced(low, dtype, self.device, size)
+            return _Form(precision, lambda x: traced(x.to(dtype)), self.device, artifact.policy)
+
+        def eager(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            with torch.autocast(self.device.type, dtype, dtype != torch.float32):
+                return self._fp32_outputs(x)  # type: ignore[no-any-return]
+
+        return _Form(precision, eager, self.device, artifact.policy)
+
+    def _inputs(self, pixels: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+        return normalize(torch.stack(list(pixels)), self.prep, device)
+
+    def _run(self, form: _Form, batch: Sequence[torch.Tensor]) -> list[Outputs]:
+        with torch.inference_mode():
+            return _split(*form.run(self._inputs(batch, form.device)))
+
     def predict(self, batch: Sequence[torch.Tensor]) -> list[Outputs]:
         """Logits and pooled features (float32, CPU) for a batch of prepared pixels, one
         `Outputs` of a batch of one per image, in order."""
-        inputs = self._inputs(batch)
-        if self._fast is not None:
-            logits, features = self._fast(inputs.to(self.dtype))
-        else:
-            with torch.autocast(self.device.type, self.dtype, self.dtype != torch.float32):
-                logits, features = self._fp32_outputs(inputs)
-        return _split(logits, features)
+        return self._run(self._form, batch)
 
     def predict_fp32(self, batch: Sequence[torch.Tensor]) -> list[Outputs]:
         """The plain full-precision module's outputs: the reference for parity checks."""
         with torch.inference_mode():
-            return _split(*self._fp32_outputs(self._inputs(batch)))
+            return _split(*self._fp32_outputs(self._inputs(batch, self.device)))
 
     def answer(self, outputs: Outputs, override: Override) -> Answer:
         """Calibrated probabilities and the abstention decision for one image."""
         return answer(outputs, self.policy, override)
 
     def explain(self, prepared: Prepared, class_index: int) -> dict[str, Any]:
-        """Grad-CAM for one prepared image (needs `keep_image`) and one class."""
+        """Grad-CAM for one prepared image (needs `keep_image`) and one class, on the fp32
+        network whatever precision serves."""
         assert prepared.image is not None
-        cam = grad_cam(self._fp32, self._inputs([prepared.pixels]), class_index)
+        cam = grad_cam(self._fp32, self._inputs([prepared.pixels], self.device), class_index)
         box = eval_box(prepared.image.size, self.prep)
         return {
             "method": "gradcam",
@@ -153,25 +267,38 @@ class Predictor:
             "overlay_png": overlay_png(prepared.image, cam, box),
         }
 
-    def warm_up(self, batch_sizes: Sequence[int]) -> None:
-        """Run every batch size a few times: first calls pay for allocation and JIT profiling."""
+    def _batch(self, size: int) -> list[torch.Tensor]:
         side = self.prep.image_size
-        for size in batch_sizes:
-            for _ in range(3):
-                self.predict([torch.zeros(side, side, 3, dtype=torch.uint8)] * size)
+        return [torch.zeros(side, side, 3, dtype=torch.uint8)] * size
 
+    def warm_up(self, batch_sizes: Sequence[int]) -> None:
+        """Run every form at every batch size a few times: first calls pay for allocation and
+        JIT profiling."""
+        for form in self._forms.values():
+            for size in batch_sizes:
+                for _ in range(3):
+                    self._run(form, self._batch(size))
 
-class _WithFeatures(nn.Module):
-    """The network, answering its logits and the pooled features they are computed from."""
-
-    def __init__(self, model: ResNet) -> None:
-        super().__init__()
-        self.body = backbone(model)
-        self.fc = model.fc
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.body(x)
-        return self.fc(features), features
+    def choose(self, batch_sizes: Sequence[int]) -> Measured | None:
+        """Time every form (after `warm_up`) at each batch size, interleaved, and keep the one
+        with the least time per image (geometric mean over the sizes of the best of `_ROUNDS`:
+        other work on the host only ever adds time); None when there is one form only."""
+        if len(self._forms) == 1:
+            return None
+        times: dict[str, dict[int, list[float]]] = {
+            p: {s: [] for s in batch_sizes} for p in self._forms
+        }
+        for _ in range(_ROUNDS):
+            for precision, form in self._forms.items():
+                for size in batch_sizes:
+                    started = time.perf_counter()
+                    self._run(form, self._batch(size))
+                    times[precision][size].append((time.perf_counter() - started) / size)
+        seconds = {p: {s: min(t) for s, t in by_size.items()} for p, by_size in times.items()}
+        chosen = min(seconds, key=lambda p: statistics.geometric_mean(seconds[p].values()))
+        self._form = self._forms[cast(Precision, chosen)]
+        self._forms = {self._form.precision: self._form}
+        return Measured(seconds, chosen)
 
 
 def _split(logits: torch.Tensor, features: torch.Tensor) -> list[Outputs]:
@@ -179,17 +306,15 @@ def _split(logits: torch.Tensor, features: torch.Tensor) -> list[Outputs]:
     return [Outputs(logits[i : i + 1], features[i : i + 1]) for i in range(len(logits))]
 
 
-def _fast_model(
-    model: ResNet, dtype: torch.dtype, prep: Preprocessing, device: torch.device
-) -> Any:
-    low = _WithFeatures(copy.deepcopy(model)).to(dtype=dtype).eval()
-    low = low.to(memory_format=torch.channels_last)
-    example = torch.zeros(2, 3, prep.image_size, prep.image_size, device=device, dtype=dtype)
+def _traced(module: nn.Module, dtype: torch.dtype, device: torch.device, size: int) -> Any:
+    """`module` as TorchScript, traced on a channels-last batch and frozen."""
+    module = module.to(memory_format=torch.channels_last)
+    example = torch.zeros(2, 3, size, size, device=device, dtype=dtype)
     with torch.inference_mode(), warnings.catch_warnings():
         # torch.jit is in maintenance mode and says so; tracing a ResNet is what it does best.
         warnings.simplefilter("ignore")
         example = example.contiguous(memory_format=torch.channels_last)
-        traced = torch.jit.trace(low, example)  # type: ignore[no-untyped-call]
+        traced = torch.jit.trace(module, example)  # type: ignore[no-untyped-call]
         return torch.jit.freeze(traced)
 
 
@@ -201,10 +326,16 @@ def load_predictor(
     optimize: bool,
     max_batch_size: int,
 ) -> Predictor:
-    """Choose the device, then find, load, optimise and warm up the model; ArtifactError says
-    what was found instead, CudaUnusableError why SERVE_DEVICE=cuda cannot be honoured."""
+    """Choose the device, then find, load, optimise and warm up the model, and with
+    SERVE_PRECISION=auto measure its forms and keep the fastest; ArtifactError says what was
+    found instead, CudaUnusableError why SERVE_DEVICE=cuda cannot be honoured, PrecisionError
+    why the precision asked for cannot run."""
     device = resolve_device(device_choice)
     artifact = load_artifact(find_model_dir(model_dir, scratch), device)
-    predictor = Predictor(artifact, device, _dtype(precision, device), optimize)
-    predictor.warm_up(sorted({1, max_batch_size}))
+    predictor = Predictor(artifact, device, candidates(precision, device, artifact), optimize)
+    batch_sizes = sorted({1, max_batch_size})
+    predictor.warm_up(batch_sizes)
+    measured = predictor.choose(batch_sizes)
+    if measured is not None:
+        logger.info("SERVE_PRECISION=auto: %s", measured.describe())
     return predictor

@@ -60,8 +60,12 @@ class ServeSettings(BaseModel):
         description="auto: the GPU if CUDA can use it, else the CPU (an ERROR line says why when a "
         "GPU is present); cuda: the GPU, else `/ping` answers 503 for good with the reason; cpu.",
     )
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 on CPUs with native bf16, fp16 on GPUs, else fp32."
+    precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = Field(
+        "auto",
+        description="auto: time at warm-up every precision this host and model allow (CPU: "
+        "fp32, bf16 where the CPU has native bf16, int8 where the model passed its int8 gate; "
+        "GPU: fp16, bf16, fp32) and serve the fastest; the log says what was measured. int8 on "
+        "a model without it, or on a GPU, is an error at start (`/ping` 503 with the reason).",
     )
     optimize: Literal["jit", "eager"] = Field(
         "jit",
