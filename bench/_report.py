@@ -50,21 +50,33 @@ class ConfigResults:
         return self.best("ours").headline(kind) / self.best("reference").headline(kind)
 
 
-def _cpu() -> str:
+_SIMD = ("avx512f", "avx2")
+_LOW_PRECISION = ("avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16", "amx_bf16")
+"""The units int8 (VNNI, AMX-INT8) and bf16 (AVX512-BF16, AMX-BF16) inference run fast on."""
+
+
+def _cpuinfo() -> tuple[str, set[str]]:
+    """The CPU's model name and its flags, from /proc/cpuinfo's first processor."""
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return platform.processor() or "unknown"
-    model = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in info.splitlines()
-            if line.startswith("model name")
-        ),
-        "unknown",
+        return platform.processor() or "unknown", set()
+    fields = dict(
+        (key.strip(), value.strip())
+        for key, _, value in (line.partition(":") for line in info.split("\n\n")[0].splitlines())
     )
-    flags = [f for f in ("avx512_bf16", "amx_bf16", "avx512f", "avx2") if f" {f}" in info]
-    return f"{model} ({', '.join(flags) or 'no AVX2'})"
+    return fields.get("model name", "unknown"), set(fields.get("flags", "").split())
+
+
+def _cpu() -> str:
+    model, flags = _cpuinfo()
+    found = [f for f in _SIMD if f in flags]
+    return f"{model} ({', '.join(found) or 'no AVX2'})"
+
+
+def _cpu_flags() -> str:
+    _, flags = _cpuinfo()
+    return ", ".join(f"{f} {'present' if f in flags else 'absent'}" for f in _LOW_PRECISION)
 
 
 def _fmt(values: Sequence[float], digits: int = 1) -> str:
@@ -174,6 +186,7 @@ def machine() -> str:
     cores = len(os.sched_getaffinity(0))
     lines = [
         ("CPU", _cpu()),
+        ("CPU flags for int8 and bf16", _cpu_flags()),
         ("cores", f"{cores} usable ({os.cpu_count()} online)"),
         ("GPU", describe_cuda()),
         ("torch", torch.__version__),

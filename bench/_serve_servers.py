@@ -47,6 +47,8 @@ _RETRY_S = 0.5
 _SHOWN = 300  # characters of the first answer that go to the log
 _OUR_VARIABLES = ("SAGEMAKER_", "SERVE_")  # our server's settings: none may leak in from here
 _OUR_READY = re.compile(r"Ready in [\d.]+ s: (.+)$", re.MULTILINE)
+_OUR_FORM = re.compile(r"\b(fp32|bf16|fp16|int8) on \w+")  # in the Ready line: "... int8 on cpu"
+_OUR_AUTO = re.compile(r"SERVE_PRECISION=auto: (measured .+; serving (\w+))$", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,10 @@ class Endpoint:
 
     url: str
     about: str
+    measured: str | None = None
+    """Ours with SERVE_PRECISION=auto: what it timed at warm-up ("measured ms per image ...")."""
+    precision: str | None = None
+    """Ours: the precision it serves (with SERVE_PRECISION=auto, the one it chose)."""
 
 
 class ServerError(RuntimeError):
@@ -151,21 +157,33 @@ def _clean_environment() -> dict[str, str]:
 
 
 @contextmanager
-def ours(opt_ml: OptMl, work: Path, photo: bytes) -> Iterator[Endpoint]:
-    """`python -m container.serving` on `opt_ml` (model/ holds the artifact), default settings."""
+def ours(
+    opt_ml: OptMl, work: Path, photo: bytes, precision: str | None = None
+) -> Iterator[Endpoint]:
+    """`python -m container.serving` on `opt_ml` (model/ holds the artifact): default settings,
+    but for SERVE_PRECISION when `precision` is given."""
     (port,) = free_ports(1)
     env = {
         **_clean_environment(),
         BASE_DIR_ENV: str(opt_ml.base),
         "SAGEMAKER_BIND_TO_PORT": str(port),
+        **({"SERVE_PRECISION": precision} if precision else {}),
     }
     log = work / "ours.log"
     command = [sys.executable, "-m", "container.serving"]
     with running(command, log=log, cwd=REPO, env=env) as process:
         url = f"http://127.0.0.1:{port}/invocations"
         wait_until_serving(url, photo, process, log)
-        ready = _OUR_READY.search(log.read_text(encoding="utf-8", errors="replace"))
-        yield Endpoint(url, ready.group(1) if ready else "no 'Ready' line in its log")
+        text = log.read_text(encoding="utf-8", errors="replace")
+        ready, auto = _OUR_READY.search(text), _OUR_AUTO.search(text)
+        about = ready.group(1) if ready else "no 'Ready' line in its log"
+        form = _OUR_FORM.search(about)
+        yield Endpoint(
+            url,
+            about,
+            auto.group(1) if auto else None,
+            auto.group(2) if auto else form.group(1) if form else None,
+        )
 
 
 @contextmanager

@@ -21,7 +21,15 @@ from pathlib import Path
 
 from bench._runs import host_cores
 
-__all__ = ["QUIET_CORES", "LoadError", "LoadResult", "measure", "warm_up", "wrk_version"]
+__all__ = [
+    "QUIET_CORES",
+    "LoadError",
+    "LoadResult",
+    "measure",
+    "wait_until_quiet",
+    "warm_up",
+    "wrk_version",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +73,7 @@ def wrk_version() -> str:
     return (done.stdout or done.stderr).splitlines()[0].strip()
 
 
-def _wait_until_quiet() -> float:
+def wait_until_quiet() -> float:
     """`host_cores()` once it reaches QUIET_CORES, or its last value after `_QUIET_WAIT_S`."""
     deadline = time.monotonic() + _QUIET_WAIT_S
     while True:
@@ -114,13 +122,13 @@ def warm_up(url: str, photos: Sequence[Path], connections: int, seconds: float) 
     It waits for a quiet host first, so that a server still working off the requests of a
     previous load has finished them.
     """
-    _wait_until_quiet()
+    wait_until_quiet()
     _check(url, connections, _wrk(url, photos, connections, seconds), some=False)
 
 
 def measure(url: str, photos: Sequence[Path], connections: int, seconds: float) -> LoadResult:
     """Load `url` with `connections` clients for `seconds`; LoadError on any failed request."""
-    cores = _wait_until_quiet()
+    cores = wait_until_quiet()
     load = os.getloadavg()[0]
     result = _wrk(url, photos, connections, seconds)
     _check(url, connections, result)

@@ -1,13 +1,15 @@
 """Serving throughput: our server against a naive FastAPI server and TorchServe, same model.
 
-One seeded ResNet-18 artifact (133 classes) and a few generated photo-like JPEGs of each size are
-made once; then each server runs on its own, serving that artifact on localhost: ours
-(`python -m container.serving`, default settings), `bench.naive_server`, and TorchServe's
-`image_classifier` handler three ways: its defaults, one torch thread per worker, and server-side
-batching. For every image size wrk warms the server up, then POSTs the photos over 1, 4 and 16
-connections and records requests/s and p50/p99 latency (see `bench._serve_wrk`). The result
-replaces the "Serving throughput" section of docs/benchmarks.md; progress goes to stderr and the
-section to stdout.
+One seeded ResNet-18 artifact (133 classes, with an int8 network) and a few generated photo-like
+JPEGs of each size are made once (`bench._serve_fixtures`), and the network alone is timed in each
+precision through the server's own Predictor (`bench._serve_model`). Then each server runs on its
+own, serving that artifact on localhost: ours (`python -m container.serving`) with its default
+SERVE_PRECISION=auto and with fp32, bf16 (where the CPU has native bf16) and int8 forced,
+`bench.naive_server`, and TorchServe's `image_classifier` handler three ways: its defaults, one
+torch thread per worker, and server-side batching. For every image size wrk warms the server up,
+then POSTs the photos over 1, 4 and 16 connections and records requests/s and p50/p99 latency (see
+`bench._serve_wrk`). The result replaces the "Serving throughput" section of docs/benchmarks.md;
+progress goes to stderr and the section to stdout.
 """
 
 from __future__ import annotations
@@ -21,14 +23,17 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bench import _serve_torchserve as ts
 from bench._cli import add_output_argument, add_workdir_argument, command, log_to_stderr, work_in
 from bench._markdown import replace_section
 from bench._serve_fixtures import ImageSet, make_artifact, make_photos
+from bench._serve_model import measure_model
 from bench._serve_report import Kind, Method, ServerResult, render
 from bench._serve_servers import Endpoint, ServerError, naive, ours
 from bench._serve_wrk import measure, warm_up, wrk_version
+from container import int8
 from container.devices import cpu_has_bf16
 from container.sagemaker_env import OptMl
 
@@ -38,18 +43,29 @@ logger = logging.getLogger(__name__)
 
 SECTION = "serve-throughput"
 """The marker name of this benchmark's section in the output document."""
-SERVERS = ("ours", "naive", "torchserve", "torchserve-1-thread", "torchserve-batched")
-"""What `--servers` chooses from, in the order they run."""
+SERVERS = (
+    "ours",
+    "ours-fp32",
+    "ours-bf16",
+    "ours-int8",
+    "naive",
+    "torchserve",
+    "torchserve-1-thread",
+    "torchserve-batched",
+)
+"""What `--servers` chooses from, in the order they run; `ours` is SERVE_PRECISION=auto, and
+`ours-PRECISION` forces that precision."""
+_FORCED = {"ours-fp32": "fp32", "ours-bf16": "bf16", "ours-int8": "int8"}
 SIZES = ((500, 375), (1024, 768), (3000, 2000))
 CONNECTIONS = (1, 4, 16)
 TS_BATCHING = ts.Batching(size=16, delay_ms=50)
 """TorchServe's best batching found here, at 16 connections and 1024x768: of batchSize 4, 8, 16
 and 32 with maxBatchDelay 5 to 200 ms, 16 with 50 ms or more gave the most req/s (about 43, twice
 the next) and the lowest p99; 50 ms costs least at 1 connection."""
-_SECONDS, _WARM_UP_S = 12.0, 4.0
+_SECONDS, _WARM_UP_S, _MODEL_SECONDS = 12.0, 4.0, 10.0
 _QUICK_SIZES = ((1024, 768),)
 _QUICK_CONNECTIONS = (1, 16)
-_QUICK_SECONDS, _QUICK_WARM_UP_S = 4.0, 2.0
+_QUICK_SECONDS, _QUICK_WARM_UP_S, _QUICK_MODEL_SECONDS = 4.0, 2.0, 2.5
 _ARTIFACT_SEED = 0
 _PHOTO_SEED = 7
 
@@ -64,6 +80,7 @@ class BenchSettings:
     connections: tuple[int, ...]
     seconds: float
     warm_up_s: float
+    model_seconds: float  # the network alone: timed per precision and batch size
     photos_per_size: int
     servers: tuple[str, ...]
     torchserve_venv: Path
@@ -87,12 +104,25 @@ class _Files:
         return self.photos[0].files[0].read_bytes()
 
 
+_NO_BF16 = (
+    "this CPU has no native bf16 units (avx512_bf16 or amx_bf16): bf16 would run slower than "
+    "fp32 here, and auto does not try it"
+)
+
+
 def _setup(name: str, settings: BenchSettings) -> tuple[Kind, str]:
-    dtype = "bf16, the CPU having avx512_bf16" if cpu_has_bf16() else "fp32 (no avx512_bf16)"
     if name == "ours":
         return "ours", (
             "`python -m container.serving` with only `SAGEMAKER_BASE_DIR` and the port set, so "
-            f"all defaults: precision auto ({dtype}), dynamic batching, one worker"
+            "all defaults: dynamic batching, one worker, and `SERVE_PRECISION=auto`, which at "
+            "warm-up times every precision this CPU and artifact allow (fp32; bf16 where the CPU "
+            "has native bf16 units; int8 where the artifact's int8 network may be served) at "
+            "batch 1 and 16 and serves the fastest"
+        )
+    if name in _FORCED:
+        return "forced", (
+            f"as ours, but `SERVE_PRECISION={_FORCED[name]}`: the same server, that precision "
+            "forced"
         )
     if name == "naive":
         return "naive", (
@@ -116,18 +146,28 @@ def _setup(name: str, settings: BenchSettings) -> tuple[Kind, str]:
 def _label(name: str, settings: BenchSettings) -> str:
     if name == "torchserve-batched":
         return f"TorchServe ({settings.ts_batching.label})"
+    if name in _FORCED:
+        return f"ours ({_FORCED[name]})"
     return {
-        "ours": "ours",
+        "ours": "ours (auto)",
         "naive": "naive",
         "torchserve": "TorchServe (default)",
         "torchserve-1-thread": "TorchServe (1 thread per worker)",
     }[name]
 
 
+def _result(name: str, settings: BenchSettings) -> ServerResult:
+    kind, setup = _setup(name, settings)
+    result = ServerResult(_label(name, settings), kind, setup, precision=_FORCED.get(name))
+    if name == "ours-bf16" and not cpu_has_bf16():
+        result.unavailable = _NO_BF16
+    return result
+
+
 def _starter(name: str, files: _Files, settings: BenchSettings) -> Start:
     work = files.work / name
-    if name == "ours":
-        return lambda: ours(files.opt_ml, work, files.probe)
+    if name == "ours" or name in _FORCED:
+        return lambda: ours(files.opt_ml, work, files.probe, _FORCED.get(name))
     if name == "naive":
         return lambda: naive(files.opt_ml.model_dir, work, files.probe)
     batching = settings.ts_batching if name == "torchserve-batched" else None
@@ -151,6 +191,11 @@ def _measure_server(
             logger.error("%s did not start: %s", result.name, exc)
             return
         result.setup += f"; it reported: {endpoint.about}"
+        if result.kind == "ours":
+            result.precision = endpoint.precision
+            result.name = f"ours (auto: {endpoint.precision or '?'})"
+            if endpoint.measured:
+                result.setup += f"; at warm-up it {endpoint.measured}"
         logger.info("%s is serving at %s (%s)", result.name, endpoint.url, endpoint.about)
         for images in files.photos:
             warm_up(endpoint.url, images.files, max(settings.connections), settings.warm_up_s)
@@ -213,25 +258,63 @@ def _photos_line(photos: Sequence[ImageSet]) -> str:
     )
 
 
+def _model_line(meta: dict[str, Any]) -> tuple[str, bool | None]:
+    """The Method list's model entry, and the int8 gate's own verdict (None: no int8)."""
+    line = (
+        "a seeded, randomly initialised ResNet-18 with a 133-class head, saved once in our "
+        "artifact format (`bench/_serve_fixtures.py`); every server loads that `model.pt`"
+    )
+    entry = meta.get(int8.META_KEY)
+    if not entry or not entry.get("passed"):
+        return line + "; it has no usable int8 network.", None
+    gate = entry["gate"]
+    verdict = bool(entry.get("gate_passed", entry["passed"]))
+    line += (
+        f", and ours its int8 network (`model_int8.pt`), calibrated with "
+        f"`container.int8.calibrate` on {entry['calibration_images']} generated 500x375 photos, "
+        f"decoded and cropped as the server does, and checked by training's gate "
+        f"(`container.training.quantization.gate`) against fp32 on {gate['images']} others: "
+        f"top-1 agreement {gate['agreement']:.2%}, where the gate asks at least "
+        f"{gate['min_agreement']:.0%} and an accuracy drop of at most "
+        f"{100 * gate['max_accuracy_drop']:.1f} points (an untrained network has no true labels, "
+        "so fp32's top-1 stands in for them and the drop is 1 minus the agreement). "
+    )
+    if verdict:
+        return line + "It passed.", verdict
+    return line + (
+        "**The gate failed on this random-weight model**, and the artifact marks its int8 usable "
+        "all the same, because this benchmark measures speed only: an untrained network's "
+        "logits are nearly tied, so small quantization errors swap its top-1. The accuracy "
+        "evidence is a trained model's gate (`tests/training/test_quantization.py`) and the "
+        "parity of every precision with fp32 (`tests/serving/test_parity.py`)."
+    ), verdict
+
+
 def _benchmark(settings: BenchSettings, work: Path) -> str:
     opt_ml = OptMl(work / "opt_ml")
-    make_artifact(opt_ml.model_dir, _ARTIFACT_SEED)
+    logger.info("Making the artifact and its int8 network (about a minute)")
+    meta = make_artifact(opt_ml.model_dir, _ARTIFACT_SEED)
+    logger.info("int8: %s", meta[int8.META_KEY]["reason"])
     photos = make_photos(work / "photos", settings.sizes, settings.photos_per_size, _PHOTO_SEED)
     files = _Files(work, opt_ml, photos)
-    results = [ServerResult(_label(n, settings), *_setup(n, settings)) for n in settings.servers]
+    model = measure_model(opt_ml.model_dir, settings.model_seconds)
+    results = [_result(n, settings) for n in settings.servers]
     _prepare_torchserve(results, settings, files)
     for name, result in zip(settings.servers, results, strict=True):
         if result.unavailable is None:
             _measure_server(result, _starter(name, files, settings), settings, files)
+    model_line, gate = _model_line(meta)
     method = Method(
         photos=_photos_line(photos),
+        model=model_line,
+        int8_gate=gate,
         connections=settings.connections,
         seconds=settings.seconds,
         warm_up_s=settings.warm_up_s,
         command=settings.command,
         versions=_versions(settings),
     )
-    return render(results, [p.label for p in photos], method)
+    return render(results, [p.label for p in photos], method, model)
 
 
 def main(settings: BenchSettings) -> str:
@@ -273,6 +356,13 @@ def _parse(argv: list[str] | None = None) -> BenchSettings:
         default=None,
         help=f"seconds of warm-up per server and size (default: {_WARM_UP_S}, --quick: "
         f"{_QUICK_WARM_UP_S})",
+    )
+    parser.add_argument(
+        "--model-seconds",
+        type=float,
+        default=None,
+        help="the network alone: seconds timed per precision and batch size (default: "
+        f"{_MODEL_SECONDS}, --quick: {_QUICK_MODEL_SECONDS})",
     )
     parser.add_argument(
         "--sizes",
@@ -321,6 +411,7 @@ def _parse(argv: list[str] | None = None) -> BenchSettings:
         connections=_QUICK_CONNECTIONS if quick else CONNECTIONS,
         seconds=args.seconds or (_QUICK_SECONDS if quick else _SECONDS),
         warm_up_s=args.warm_up or (_QUICK_WARM_UP_S if quick else _WARM_UP_S),
+        model_seconds=args.model_seconds or (_QUICK_MODEL_SECONDS if quick else _MODEL_SECONDS),
         photos_per_size=args.photos_per_size,
         servers=tuple(s for s in SERVERS if s in args.servers),
         torchserve_venv=args.torchserve_venv,
