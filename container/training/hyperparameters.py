@@ -141,7 +141,7 @@ class Hyperparameters(HyperparameterSchema):
     )
     int8: bool = Field(
         True,
-        description="Quantize the final model to int8 (calibrated on up to 256 training images) "
+        description="Quantize the final model to int8 (calibrated on up to 512 training images) "
         "and ship it where it passes the gate below on valid; the server may then run it.",
     )
     int8_min_agreement: float = Field(

@@ -31,7 +31,7 @@ __all__ = ["CALIBRATION_IMAGES", "GATE_IMAGES", "Int8Result", "gate", "quantize"
 
 logger = logging.getLogger(__name__)
 
-CALIBRATION_IMAGES = 256
+CALIBRATION_IMAGES = 512
 GATE_IMAGES = 2048
 _CPU = torch.device("cpu")
 
