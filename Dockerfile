@@ -81,7 +81,10 @@ ENV PATH=/opt/program:/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     TORCH_HOME=/opt/torch
+# multi-models: `serve` with SAGEMAKER_MULTI_MODEL=true answers SageMaker's /models API (CPU
+# instances: AWS runs GPU multi-model endpoints with its Triton container only).
 LABEL com.amazonaws.sagemaker.capabilities.accept-bind-to-port=true \
+      com.amazonaws.sagemaker.capabilities.multi-models=true \
       sagemaker-dog-classifier.cuda=${TORCH_CUDA}
 WORKDIR /opt/program
 EXPOSE 8080

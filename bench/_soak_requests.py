@@ -22,6 +22,7 @@ from PIL import Image
 
 from bench._serve_fixtures import ImageSet
 from container.invocations import CUSTOM_ATTRIBUTES
+from container.serving.budget import RequestBudget
 from container.serving.settings import MiB, ServeSettings
 
 __all__ = ["KINDS", "Kind", "Request", "build_requests", "describe"]
@@ -158,7 +159,9 @@ def build_requests(photos: Sequence[ImageSet], limits: ServeSettings) -> list[li
         "JSON list of 4 base64 JPEGs": [as_json(listed)],
         ".npy batch of 4": [Request("application/x-npy", _npy(pixels))],
         "body over SAGEMAKER_MAX_PAYLOAD_IN_MB": [jpeg(small[0] + padding)],
-        "JSON list over SERVE_MAX_IMAGES": [as_json([tiny] * (limits.max_images + 1))],
+        "JSON list over SERVE_MAX_IMAGES": [
+            as_json([tiny] * (RequestBudget.from_settings(limits).max_images + 1))
+        ],
         f"PNG whose header says {_HUGE_SIDE}x{_HUGE_SIDE}": [
             Request("image/png", _png_claiming(_HUGE_SIDE, _HUGE_SIDE))
         ],
@@ -189,11 +192,12 @@ def build_requests(photos: Sequence[ImageSet], limits: ServeSettings) -> list[li
 def describe(photos: Sequence[ImageSet], limits: ServeSettings) -> str:
     """The requests, as Markdown list items for the Method part of the document."""
     weights = ", ".join(f"{k.name} {k.weight}" for k in KINDS)
+    over_count = RequestBudget.from_settings(limits).max_images + 1
     return f"""- Valid requests: one photo-like JPEG per POST, {len(photos[0].files)} per size
   (`bench/_serve_fixtures.py`, the photos of `bench.serve_load`); a JSON list of the
   500x375 ones in base64; a .npy of their pixels, shape ({len(photos[0].files)}, 375, 500, 3).
 - Over the limits: a body {limits.max_payload_mb:g} MiB + 1 MiB long; a JSON list of
-  {limits.max_images + 1} small JPEGs; a PNG whose header says {_HUGE_SIDE}x{_HUGE_SIDE}; a
+  {over_count} small JPEGs; a PNG whose header says {_HUGE_SIDE}x{_HUGE_SIDE}; a
   .npy whose header says shape {_HUGE_NPY_SHAPE}, followed by 64 bytes.
 - Hostile: `[` nested {_NESTING} deep; a {_INT_DIGITS}-digit integer in a JSON list;
   {_GARBAGE_BYTES // 1000} KB of random bytes as image/jpeg; the first half of each 1024x768

@@ -44,12 +44,6 @@ def main() -> int:
         logger.error("Not serving: %s", exc)
         return 2
     logging.getLogger().setLevel(settings.log_level.upper())
-    if settings.multi_model:
-        logger.error(
-            "Not serving: SAGEMAKER_MULTI_MODEL=true, but this image serves one model; deploy it "
-            "as a single-model endpoint"
-        )
-        return 2
     logger.info("Settings: %s", settings.describe())
     logger.info("Accelerator: %s", describe_cuda())
     common: dict[str, object] = {

@@ -93,8 +93,10 @@ class Batcher(Generic[In, Out]):
         self._queue.put_nowait(pending)
         return await future
 
-    def health(self, stall_s: float) -> str | None:
-        """None when a submitted item would be computed now; else why not."""
+    def health(self, stall_s: float, *, failing_counts: bool = True) -> str | None:
+        """None when a submitted item would be computed now; else why not (with
+        `failing_counts` false, a run of failed batches is not a reason: on a multi-model
+        endpoint one broken model must not fail the others' health check)."""
         if self._worker is None or self._worker.done():
             return "the batcher has stopped"
         now = time.monotonic()
@@ -103,7 +105,7 @@ class Batcher(Generic[In, Out]):
         waiting = [p.enqueued for p in self._waiting if not p.future.done()]
         if waiting and now - min(waiting) > stall_s:
             return f"the oldest queued image has waited {now - min(waiting):.0f} s"
-        if self._failures >= _FAILING:
+        if failing_counts and self._failures >= _FAILING:
             return f"the last {self._failures} batches failed ({self._last_error})"
         return None
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
+from container.invocations import MAX_PAYLOAD_MB
 from container.serving.errors import PayloadTooLargeError
 from container.serving.settings import ENVIRONMENT, ServeSettings
 
@@ -22,6 +23,10 @@ DECODE_LIMIT_SETTINGS = {
 }
 """The limit an `ImageTooLargeError` names (a `container.decoding.DecodeLimits` field, or the
 decoder pool's time budget) -> the `ServeSettings` field that sets it."""
+
+
+_PER_PAYLOAD = (64, 100_000_000)
+"""Images and pixels per request for each MAX_PAYLOAD_MB of payload cap, unless set."""
 
 
 def over_limit(message: str, setting: str) -> PayloadTooLargeError:
@@ -43,7 +48,16 @@ class RequestBudget:
 
     @classmethod
     def from_settings(cls, settings: ServeSettings) -> RequestBudget:
-        return cls(settings.max_images, settings.max_image_pixels, settings.max_request_pixels)
+        """The settings' budget; what they leave unset grows with the payload cap from
+        `_PER_PAYLOAD` (an asynchronous endpoint's 1 GB requests hold more images than a
+        6 MB one's)."""
+        scale = max(1.0, settings.max_payload_mb / MAX_PAYLOAD_MB)
+        images, pixels = (round(scale * n) for n in _PER_PAYLOAD)
+        return cls(
+            settings.max_images or images,
+            settings.max_image_pixels,
+            settings.max_request_pixels or pixels,
+        )
 
     def check_count(self, count: int) -> None:
         """PayloadTooLargeError when a request holds more images than allowed."""

@@ -2,10 +2,14 @@
 
 A body becomes a list of `ImageInput`s (encoded bytes, or pixels for NumPy input) in request order;
 results become JSON or JSON Lines. Nothing here decodes an image or touches the model.
+
+A .zip or .tar body holds many images: each regular file is one, read from the archive held in
+memory by `container.archives.read_archive`, within limits checked from the headers first.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -14,7 +18,7 @@ import re
 import sys
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from python_multipart.multipart import parse_options_header
@@ -22,6 +26,14 @@ from starlette.datastructures import Headers
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from container.abstention import Override
+from container.archives import (
+    ArchiveError,
+    ArchiveFile,
+    ArchiveMemberError,
+    ArchiveTooLargeError,
+    read_archive,
+)
+from container.invocations import MAX_PAYLOAD_MB
 from container.serving.budget import PixelTally, RequestBudget, over_limit
 from container.serving.errors import BadRequestError, NotAcceptableError, UnsupportedMediaTypeError
 
@@ -30,10 +42,13 @@ __all__ = [
     "JSON",
     "JSONLINES",
     "READABLE_TYPES",
+    "TAR_TYPES",
+    "ZIP_TYPES",
     "ImageInput",
     "RequestOptions",
     "choose_response_type",
     "encode",
+    "excerpt",
     "parse_custom_attributes",
     "read_inputs",
 ]
@@ -56,7 +71,17 @@ IMAGE_TYPES = frozenset(
     }
 )
 _JSONLINES_ALIASES = frozenset({JSONLINES, "application/x-jsonlines", "application/jsonl"})
-READABLE_TYPES = IMAGE_TYPES | _JSONLINES_ALIASES | {JSON, NPY, MULTIPART}
+ZIP_TYPES = frozenset({"application/zip", "application/x-zip-compressed"})
+TAR_TYPES = frozenset(  # a tar, plain or gzip-compressed (told apart by the gzip magic)
+    {
+        "application/x-tar",
+        "application/tar",
+        "application/gzip",
+        "application/x-gzip",
+        "application/x-gtar",
+    }
+)
+READABLE_TYPES = IMAGE_TYPES | _JSONLINES_ALIASES | ZIP_TYPES | TAR_TYPES | {JSON, NPY, MULTIPART}
 WRITABLE_TYPES = (JSON, JSONLINES)
 _NPY_MAGIC = b"\x93NUMPY"
 _NPY_VERSIONS = {(1, 0): 2, (2, 0): 4}  # -> size of the header length; 3.0 adds UTF-8 names
@@ -72,6 +97,13 @@ _B64_KEYS = ("b64", "image", "data", "image_bytes", "bytes")
 _DATA_URL = re.compile(r"^data:[\w/+.-]+;base64,", re.IGNORECASE)
 _TOO_MANY_FILES = "Too many files"  # how starlette's MultiPartException for max_files starts
 _MAX_NAME = 64
+_MAX_PATH = 200  # a path inside an archive, in messages
+_DEFAULT_MAX_UNPACKED = int(MAX_PAYLOAD_MB * (1 << 20))  # SAGEMAKER_MAX_PAYLOAD_IN_MB's default
+# Entries of an archive read for each image allowed: the image, its folder, and the AppleDouble
+# twin and folder that macOS's Compress adds under __MACOSX/; and a few more for the folders above.
+_ENTRIES_PER_IMAGE = 4
+_SPARE_ENTRIES = 64
+_JUNK = frozenset({"__macosx", "thumbs.db", "desktop.ini"})  # besides names starting with "."
 _MAX_TOP_K = 1000
 _TOP_K = re.compile(r"[0-9]{1,4}")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
@@ -80,11 +112,17 @@ _NUMBER = re.compile(r"[0-9]{0,3}(\.[0-9]{1,6})?")
 
 @dataclass(frozen=True)
 class ImageInput:
-    """One image of a request: its name in error messages, and its bytes or its pixels."""
+    """One image of a request: its name in error messages, and its bytes or its pixels.
+
+    Or neither, with `error` saying why: an archive member whose data cannot be read out of the
+    archive (a CRC error, cut short, not the size its header declares). It fails alone, so that
+    the server answers for it by name and still answers for the others.
+    """
 
     name: str
     data: bytes | None = None
     pixels: np.ndarray | None = None  # HWC uint8, from NumPy input
+    error: str | None = None  # why there is no data, for an archive member only
 
 
 @dataclass(frozen=True)
@@ -105,7 +143,7 @@ def _media_type(header: str | None) -> str:
 # --- request bodies ------------------------------------------------------------------------------
 
 
-def _excerpt(text: str, limit: int = 40) -> str:
+def excerpt(text: str, limit: int = 40) -> str:
     """Client text safe to quote in a message or a log line: printable characters, and short."""
     shown = "".join(c if c.isprintable() else "?" for c in text[:limit])
     return f"{shown}..." if len(text) > limit else shown
@@ -308,7 +346,7 @@ async def _multipart_inputs(
         for field, value in form.multi_items():
             if isinstance(value, str):
                 continue  # plain form fields carry no image
-            name = _excerpt(value.filename or field, _MAX_NAME)
+            name = excerpt(value.filename or field, _MAX_NAME)
             inputs.append(ImageInput(name, await value.read()))
     finally:
         await form.close()
@@ -317,19 +355,99 @@ async def _multipart_inputs(
     return inputs
 
 
+def _junk(path: str) -> bool:
+    """A hidden file, or one the OS adds (`__MACOSX/`, `.DS_Store`, `Thumbs.db`), anywhere."""
+    parts = [p for p in re.split(r"[/\\]", path) if p not in ("", ".", "..")]
+    return any(p.startswith(".") or p.lower() in _JUNK for p in parts)
+
+
+def _archive_inputs(
+    media: str, body: bytes, budget: RequestBudget, max_unpacked_bytes: int
+) -> list[ImageInput]:
+    kind: Literal["zip", "tar"] = "zip" if media in ZIP_TYPES else "tar"
+    max_entries = _ENTRIES_PER_IMAGE * budget.max_images + _SPARE_ENTRIES
+    try:
+        files = read_archive(body, kind, max_entries=max_entries, max_bytes=max_unpacked_bytes)
+    except ArchiveTooLargeError as exc:
+        if exc.limit == "max_entries":
+            raise over_limit(
+                f"the archive {exc}; {max_entries:,} are read for the limit of "
+                f"{budget.max_images} images per request, send fewer files",
+                "max_images",
+            ) from exc
+        raise over_limit(
+            f"the archive {exc}; the limit is {max_unpacked_bytes:,} bytes of images unpacked "
+            "per request, send fewer or smaller images",
+            "max_payload_mb",
+        ) from exc
+    except ArchiveMemberError as exc:
+        raise BadRequestError(f"{excerpt(exc.member, _MAX_PATH)} {exc}") from exc
+    except ArchiveError as exc:
+        raise BadRequestError(
+            f"the {media} body cannot be read: {exc}; send the images as the files of a .zip "
+            "(application/zip) or of a .tar or .tar.gz (application/x-tar)"
+        ) from exc
+    images = [f for f in files if not _junk(f.name)]
+    if not images:
+        raise BadRequestError(
+            "the archive holds no image files (folders, links, hidden files and __MACOSX are "
+            "skipped); put the images in it as files"
+        )
+    budget.check_count(len(images))
+    _check_unpacked(images, max_unpacked_bytes)
+    return [_archive_input(f) for f in images]
+
+
+def _check_unpacked(images: list[ArchiveFile], max_unpacked_bytes: int) -> None:
+    """413 for sizes, from the headers, over what the request may unpack to."""
+    limit = f"the limit is {max_unpacked_bytes:,} bytes unpacked per request"
+    for file in images:
+        if file.size > max_unpacked_bytes:
+            raise over_limit(
+                f"{excerpt(file.name, _MAX_PATH)} declares {file.size:,} bytes; {limit}, send "
+                "a smaller image",
+                "max_payload_mb",
+            )
+    total = sum(f.size for f in images)
+    if total > max_unpacked_bytes:
+        raise over_limit(
+            f"the archive's {len(images)} images declare {total:,} bytes; {limit}, send fewer "
+            "or smaller images per request",
+            "max_payload_mb",
+        )
+
+
+def _archive_input(file: ArchiveFile) -> ImageInput:
+    name = excerpt(file.name, _MAX_PATH) or "(a file with no name)"
+    try:
+        return ImageInput(name, file.read())
+    except ArchiveMemberError as exc:
+        return ImageInput(name, error=excerpt(str(exc), _MAX_PATH))
+
+
 async def read_inputs(
-    content_type: str | None, body: bytes, budget: RequestBudget
+    content_type: str | None,
+    body: bytes,
+    budget: RequestBudget,
+    max_unpacked_bytes: int = _DEFAULT_MAX_UNPACKED,
 ) -> tuple[list[ImageInput], bool]:
     """The images of a request in order, and whether the request was a list (multi-image).
 
     UnsupportedMediaTypeError for a type we do not read, BadRequestError for a body that does not
     hold what its type says, PayloadTooLargeError (naming its setting) for a body over `budget`,
     which is checked as soon as a count or size is known, before any image is read.
+
+    A .zip or .tar body may unpack to `max_unpacked_bytes` (the images' declared sizes, each and
+    all together), which the server sets to its payload cap, SAGEMAKER_MAX_PAYLOAD_IN_MB: its
+    memory for requests in flight assumes none holds more, and the same images sent as multipart
+    are refused at the same size. A bound on the compression ratio instead would let a 6 MB body
+    of zeros unpack to hundreds of MB, and no setting could raise it for a user that needs more.
+    Images are compressed already, so an archive of them is about the size of its images.
     """
     media = _media_type(content_type)
     if media not in READABLE_TYPES:
         raise UnsupportedMediaTypeError(
-            f"Content-Type '{_excerpt(content_type or '(none)')}' is not supported; send one of "
+            f"Content-Type '{excerpt(content_type or '(none)')}' is not supported; send one of "
             f"{', '.join(sorted(READABLE_TYPES))}"
         )
     if not body:
@@ -343,6 +461,10 @@ async def read_inputs(
     if media == MULTIPART:
         inputs = await _multipart_inputs(body, content_type or "", budget)
         return inputs, len(inputs) > 1
+    if media in ZIP_TYPES or media in TAR_TYPES:
+        # in a thread: decompressing up to the payload cap would hold up the other requests
+        inputs = await asyncio.to_thread(_archive_inputs, media, body, budget, max_unpacked_bytes)
+        return inputs, True
     return [ImageInput("image", body)], False
 
 
@@ -352,7 +474,7 @@ async def read_inputs(
 def _override(pairs: Mapping[str, str], default: Override) -> Override:
     abstain = pairs.get("abstain", "").lower()
     if abstain not in ("", "on", "off", "true", "false"):
-        raise BadRequestError(f"custom attribute abstain='{_excerpt(abstain)}': use on or off")
+        raise BadRequestError(f"custom attribute abstain='{excerpt(abstain)}': use on or off")
     override = default
     if abstain:
         override = replace(override, abstain=abstain in ("on", "true"))
@@ -364,7 +486,7 @@ def _override(pairs: Mapping[str, str], default: Override) -> Override:
             value = -1.0
         if not 0 < value <= 1:
             raise BadRequestError(
-                f"custom attribute min_confidence='{_excerpt(text)}': use a probability "
+                f"custom attribute min_confidence='{excerpt(text)}': use a probability "
                 "above 0 and at most 1, such as 0.5"
             )
         override = replace(override, min_confidence=value)
@@ -386,20 +508,20 @@ def parse_custom_attributes(
         # ASCII digits only: str.isdigit() also passes "²" and "٣"
         if not _TOP_K.fullmatch(pairs["top_k"]) or not 1 <= int(pairs["top_k"]) <= _MAX_TOP_K:
             raise BadRequestError(
-                f"custom attribute top_k='{_excerpt(pairs['top_k'])}': use a whole number "
+                f"custom attribute top_k='{excerpt(pairs['top_k'])}': use a whole number "
                 f"from 1 to {_MAX_TOP_K}"
             )
         top_k = int(pairs["top_k"])
     explain = pairs.get("explain", "").lower()
     if explain not in ("", "gradcam", "none"):
         raise BadRequestError(
-            f"custom attribute explain='{_excerpt(explain)}': the only explanation is gradcam"
+            f"custom attribute explain='{excerpt(explain)}': the only explanation is gradcam"
         )
     request_id = pairs.get("request_id", pairs.get("id"))
     if request_id is not None and not _REQUEST_ID.fullmatch(request_id):
         # it is echoed in a response header and in the log lines
         raise BadRequestError(
-            f"custom attribute request_id='{_excerpt(request_id)}': use 1 to 64 characters "
+            f"custom attribute request_id='{excerpt(request_id)}': use 1 to 64 characters "
             "of A-Z, a-z, 0-9, '.', '_', ':' and '-'"
         )
     return RequestOptions(
@@ -438,7 +560,7 @@ def choose_response_type(accept: str | None, default: str) -> str:
         if media == JSON:
             return JSON
     raise NotAcceptableError(
-        f"Accept '{_excerpt(accept)}' names no type this server writes; "
+        f"Accept '{excerpt(accept)}' names no type this server writes; "
         f"ask for {' or '.join(WRITABLE_TYPES)}"
     )
 

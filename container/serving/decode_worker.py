@@ -14,8 +14,10 @@ so the parent only ever reads JSON and pixel buffers of the sizes it expects.
 
     parent -> worker: {"config": ...}                       once, first
     worker -> parent: {"ready": true}                       once started
-    parent -> worker: {"name", "shape" | null, "keep_image", "size", "unasked_pixels"}
+    parent -> worker: {"name", "shape" | null, "keep_image", "size", "unasked_pixels", "prep"}
                                                             per image, its bytes in the buffer
+                                                            (prep: the model's preprocessing; on
+                                                            a multi-model endpoint models differ)
     worker -> parent: {"header": [width, height]}           for an image over unasked_pixels:
     parent -> worker: {"go": bool}                          the request's budget decides
     worker -> parent: {"crop": shape, "image": shape | null} | {"error": ...}
@@ -54,14 +56,12 @@ _KEPT_SIDE = 512  # an image kept for an explanation is only drawn under its hea
 class WorkerConfig:
     """What every job of one worker shares."""
 
-    prep: Preprocessing
     limits: DecodeLimits
     memory_bytes: int
     max_input_bytes: int  # the shared buffer an image's bytes are handed over in
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "prep": self.prep.to_json(),
             "limits": vars(self.limits),
             "memory_bytes": self.memory_bytes,
             "max_input_bytes": self.max_input_bytes,
@@ -70,7 +70,6 @@ class WorkerConfig:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> WorkerConfig:
         return cls(
-            Preprocessing.from_json(data["prep"]),
             DecodeLimits(**data["limits"]),
             int(data["memory_bytes"]),
             int(data["max_input_bytes"]),
@@ -103,16 +102,17 @@ def _job(
 ) -> dict[str, Any] | None:
     """Decode and crop one image; the answer to send (its pixels left in `shared`), or None
     when the request's budget refused it."""
+    prep = Preprocessing.from_json(job["prep"])
     if job["shape"] is not None:
         image = Image.fromarray(np.frombuffer(data, np.uint8).reshape(job["shape"]), "RGB")
     else:
-        opened, header = open_image(data, config.limits, min_side=config.prep.resize_size)
+        opened, header = open_image(data, config.limits, min_side=prep.resize_size)
         if header.pixels > job["unasked_pixels"]:  # the request's budget decides
             outbox.send_bytes(json.dumps({"header": [header.width, header.height]}).encode())
             if not json.loads(inbox.recv_bytes())["go"]:
                 return None
         image = load_rgb(opened)
-    pixels, kept = crop(image, config.prep, job["keep_image"])
+    pixels, kept = crop(image, prep, job["keep_image"])
     arrays = [pixels] if kept is None else [pixels, np.asarray(kept, dtype=np.uint8)]
     position = 0
     for array in arrays:

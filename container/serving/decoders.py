@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 import container
-from container.decoding import ImageDecodeError, ImageTooLargeError
+from container.decoding import ImageDecodeError, ImageTooLargeError, Preprocessing
 from container.serving.decode_worker import WorkerConfig
 from container.serving.errors import OverloadedError
 
@@ -84,6 +84,7 @@ class _Job:
     shape: tuple[int, ...] | None
     keep_image: bool
     admission: Admission
+    prep: Preprocessing
     future: asyncio.Future[Decoded]
     enqueued: float
 
@@ -141,6 +142,9 @@ class _Worker:
                 ready = await worker.read()
         except (TimeoutError, EOFError, OSError, ValueError):
             ready = {}
+        except asyncio.CancelledError:  # the server stops while it starts
+            await worker.stop()
+            raise
         if ready != {"ready": True}:
             await worker.stop()
             raise OSError(f"the decoder process did not start within {_START_TIMEOUT_S} s")
@@ -177,6 +181,7 @@ class _Worker:
                 "keep_image": job.keep_image,
                 "size": len(job.data),
                 "unasked_pixels": job.admission.unasked_pixels,
+                "prep": job.prep.to_json(),
             }
         )
 
@@ -331,14 +336,16 @@ class DecoderPool:
         shape: tuple[int, ...] | None,
         keep_image: bool,
         admission: Admission,
+        prep: Preprocessing,
     ) -> Decoded:
-        """Encoded bytes (shape None) or raw RGB pixels of `shape` -> the model's crop.
+        """Encoded bytes (shape None) or raw RGB pixels of `shape` -> the crop `prep` makes for
+        its model.
 
         An encoded image over `admission.unasked_pixels` is charged to it from its header
         before it is decoded. A cancelled caller's image is skipped if it has not started.
         """
         future: asyncio.Future[Decoded] = asyncio.get_running_loop().create_future()
-        job = _Job(name, data, shape, keep_image, admission, future, time.monotonic())
+        job = _Job(name, data, shape, keep_image, admission, prep, future, time.monotonic())
         self._waiting.append(job)
         self._queue.put_nowait(job)
         return await future

@@ -9,7 +9,10 @@ from __future__ import annotations
 __all__ = [
     "BadRequestError",
     "ClientGoneError",
+    "ConflictError",
+    "InsufficientMemoryError",
     "NotAcceptableError",
+    "NotFoundError",
     "NotReadyError",
     "OverloadedError",
     "PayloadTooLargeError",
@@ -36,6 +39,28 @@ class BadRequestError(ServingError):
 
     status = 400
     code = "bad_request"
+
+
+class NotFoundError(ServingError):
+    """Raised for a model a multi-model endpoint has not loaded, or a model url with nothing."""
+
+    status = 404
+    code = "not_found"
+
+
+class ConflictError(ServingError):
+    """Raised for a load of a model name that is already loaded (or loading)."""
+
+    status = 409
+    code = "conflict"
+
+
+class InsufficientMemoryError(ServingError):
+    """Raised when a model does not fit the memory budget: SageMaker then unloads another
+    model and retries."""
+
+    status = 507
+    code = "insufficient_memory"
 
 
 class PayloadTooLargeError(ServingError):

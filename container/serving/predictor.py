@@ -71,21 +71,25 @@ def _tree(folder: Path, depth: int = 2) -> list[str]:
 
 
 def find_model_dir(model_dir: Path, scratch: Path) -> Path:
-    """Where the artifact is: `model_dir` itself, one folder down, or inside a model.tar.gz.
+    """Where the artifact is: `model_dir` itself, one folder down, or inside a model.tar.gz
+    (in `model_dir`, or `model_dir` itself).
 
     SageMaker untars model.tar.gz into /opt/ml/model, but a tarball made from a folder (not from
-    its contents) leaves that folder in between, and a local `docker run` may mount the tarball.
+    its contents) leaves that folder in between, and a local `docker run` may mount the tarball;
+    the SDK's local mode leaves a multi-model endpoint's tarballs as they are.
     """
     candidates = [model_dir]
+    archives = [model_dir] if is_archive(model_dir) else []
     if model_dir.is_dir():
         entries = [p for p in sorted(model_dir.iterdir()) if not p.name.startswith(".")]
         candidates += [p for p in entries if p.is_dir()]
-        for archive in (p for p in entries if is_archive(p)):
-            try:
-                unpacked = unpack_once(archive, scratch / archive.name.split(".")[0])
-            except ArchiveError as exc:
-                raise ArtifactError(str(exc)) from exc
-            candidates += [unpacked, *(p for p in sorted(unpacked.iterdir()) if p.is_dir())]
+        archives = [p for p in entries if is_archive(p)]
+    for archive in archives:
+        try:
+            unpacked = unpack_once(archive, scratch / archive.name.split(".")[0])
+        except ArchiveError as exc:
+            raise ArtifactError(str(exc)) from exc
+        candidates += [unpacked, *(p for p in sorted(unpacked.iterdir()) if p.is_dir())]
     for candidate in candidates:
         if (candidate / META_FILE).is_file():
             return candidate

@@ -11,10 +11,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from container.decoding import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_JPEG_SCANS
-from container.invocations import MAX_IN_FLIGHT_MB, MAX_PAYLOAD_MB
+from container.invocations import MAX_ASYNC_PAYLOAD_MB, MAX_PAYLOAD_MB
 from container.sagemaker_env import BASE_DIR_ENV, OptMl
 
 __all__ = ["ENVIRONMENT", "ServeSettings", "SettingsError", "markdown_table"]
@@ -43,12 +43,28 @@ class ServeSettings(BaseModel):
         "application/json", description="Response type when Accept is missing or */*."
     )
     max_payload_mb: float = Field(
-        MAX_PAYLOAD_MB, gt=0, le=MAX_IN_FLIGHT_MB, description="Largest request body, in MiB."
+        MAX_PAYLOAD_MB,
+        gt=0,
+        le=MAX_ASYNC_PAYLOAD_MB,
+        description="Largest request body, in MiB (an asynchronous endpoint's model may raise it "
+        f"to {MAX_ASYNC_PAYLOAD_MB}); the per-request image and pixel budgets grow with it.",
     )
     max_concurrent_transforms: int | None = Field(
         None, ge=1, description="Batch transform's requests in flight, when the job sets it."
     )
-    multi_model: bool = Field(False, description="Multi-model endpoint (not supported).")
+    multi_model: bool = Field(
+        False,
+        description="Multi-model endpoint: no model at start, SageMaker loads and unloads them "
+        "through `/models` (one worker process only).",
+    )
+    models_memory_mb: int | None = Field(
+        None,
+        ge=1,
+        description="Multi-model endpoint: memory the loaded models may take together, in MiB; "
+        "a load past it is refused with 507 (SageMaker then unloads a model and retries). "
+        "Default: 90% of the container's memory (its cgroup limit, else the host's) less what "
+        "the server holds at start, less each decoder process's SERVE_DECODE_MEMORY_MB.",
+    )
     max_batch_size: int | None = Field(
         None, ge=1, le=512, description="Images per forward pass; default 16 on CPU, 64 on GPU."
     )
@@ -86,12 +102,13 @@ class ServeSettings(BaseModel):
         description="Abstain when the calibrated top probability is below this, instead of the "
         "model's trained threshold; a request's `min_confidence=` custom attribute wins.",
     )
-    max_images: int = Field(
-        64,
+    max_images: int | None = Field(
+        None,
         ge=1,
-        le=10_000,
-        description="Images in one request (a JSON list, JSON Lines, .npy "
-        "batch or multipart body); more is refused with 413 before any is decoded.",
+        le=100_000,
+        description="Images in one request (a JSON list, JSON Lines, .npy batch, multipart, "
+        ".zip or .tar body); more is refused with 413 before any is decoded. Default: 64 per "
+        f"{MAX_PAYLOAD_MB} MiB of SAGEMAKER_MAX_PAYLOAD_IN_MB.",
     )
     max_image_pixels: int = Field(
         DEFAULT_MAX_IMAGE_PIXELS,
@@ -99,11 +116,12 @@ class ServeSettings(BaseModel):
         description="Largest image, width x height from its header before any decoding (a "
         "JPEG's full size, not its reduced draft size); larger is refused with 413.",
     )
-    max_request_pixels: int = Field(
-        100_000_000,
+    max_request_pixels: int | None = Field(
+        None,
         ge=1,
         description="Pixels of all the images of one request together, from their headers; "
-        "an image that would go over is refused with 413 before it is decoded.",
+        "an image that would go over is refused with 413 before it is decoded. Default: 100 "
+        f"million per {MAX_PAYLOAD_MB} MiB of SAGEMAKER_MAX_PAYLOAD_IN_MB.",
     )
     max_jpeg_scans: int = Field(
         DEFAULT_MAX_JPEG_SCANS,
@@ -165,6 +183,16 @@ class ServeSettings(BaseModel):
         "info", description="Log level."
     )
 
+    @model_validator(mode="after")
+    def _one_worker_for_many_models(self) -> ServeSettings:
+        if self.multi_model and self.workers > 1:
+            raise ValueError(
+                "a multi-model endpoint loads its models into one server process (SageMaker's "
+                "load and invoke calls may reach any worker): set "
+                "SAGEMAKER_MODEL_SERVER_WORKERS=1"
+            )
+        return self
+
     @property
     def opt_ml(self) -> OptMl:
         return OptMl(Path(self.base_dir))
@@ -187,6 +215,8 @@ class ServeSettings(BaseModel):
             return cls.model_validate(values)
         except ValidationError as exc:
             first = exc.errors()[0]
+            if not first["loc"]:  # a rule across settings: its own message names them
+                raise SettingsError(str(first["ctx"]["error"])) from exc
             name = str(first["loc"][0])
             raise SettingsError(
                 f"{ENVIRONMENT[name]}={environ.get(ENVIRONMENT[name])!r} is invalid: {first['msg']}"
@@ -206,6 +236,7 @@ ENVIRONMENT: dict[str, str] = {
     "max_payload_mb": "SAGEMAKER_MAX_PAYLOAD_IN_MB",
     "max_concurrent_transforms": "SAGEMAKER_MAX_CONCURRENT_TRANSFORMS",
     "multi_model": "SAGEMAKER_MULTI_MODEL",
+    "models_memory_mb": "SERVE_MODELS_MEMORY_MB",
     "max_batch_size": "SERVE_MAX_BATCH_SIZE",
     "max_batch_delay_ms": "SERVE_MAX_BATCH_DELAY_MS",
     "device": "SERVE_DEVICE",

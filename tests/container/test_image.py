@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import boto3
@@ -65,7 +66,8 @@ def test_other_commands_pass_through_and_the_image_holds_only_what_runs(image: s
         in docker("run", "--rm", image, "sh", "-c", "command -v python3").stdout
     )
     config = json.loads(docker("inspect", "--format", "{{json .Config}}", image).stdout)
-    assert config["Labels"]["com.amazonaws.sagemaker.capabilities.accept-bind-to-port"] == "true"
+    for capability in ("accept-bind-to-port", "multi-models"):
+        assert config["Labels"][f"com.amazonaws.sagemaker.capabilities.{capability}"] == "true"
     assert "PYTHONUNBUFFERED=1" in config["Env"]
 
 
@@ -112,3 +114,40 @@ def test_the_bare_image_serves_jpegs_from_a_read_only_model_and_stops_cleanly(
         docker("stop", "--time", "30", name)  # then SIGKILL, which would make it 137
         state = json.loads(docker("inspect", "--format", "{{json .State}}", name).stdout)
         assert state["ExitCode"] == 0, docker("logs", name, check=False).stderr
+
+
+def test_the_image_is_a_multi_model_endpoint_with_the_models_api(
+    image: str, trained: OptMl, tmp_path: Path
+) -> None:
+    """SAGEMAKER_MULTI_MODEL=true and the models where SageMaker puts them,
+    /opt/ml/models/NAME/model (one unpacked, one a model.tar.gz as a local run leaves it), driven
+    through the API SageMaker calls, with the image's default settings."""
+    packed = tmp_path / "packed"
+    packed.mkdir()
+    with tarfile.open(packed / "model.tar.gz", "w:gz") as tar:
+        for path in sorted(trained.model_dir.iterdir()):
+            tar.add(path, arcname=path.name)
+    mounts = [
+        f"{trained.model_dir}:/opt/ml/models/unpacked/model:ro",
+        f"{packed}:/opt/ml/models/packed/model:ro",
+    ]
+    options = ["--env", "SAGEMAKER_MULTI_MODEL=true"]
+    for mount in mounts:
+        options += ["--volume", mount]
+    jpeg = sorted(trained.channel_dir("test").rglob("*.jpg"))[0].read_bytes()
+    with serving(image, *options) as (name, url), httpx.Client(base_url=url, timeout=120) as http:
+        assert http.get("/models").json() == {"models": []}
+        for model in ("unpacked", "packed"):
+            body = {"model_name": model, "url": f"/opt/ml/models/{model}/model"}
+            loaded = http.post("/models", json=body)
+            assert loaded.status_code == 200, docker("logs", name, check=False).stderr
+            answer = http.post(
+                f"/models/{model}/invoke", content=jpeg, headers={"Content-Type": "image/jpeg"}
+            )
+            assert answer.status_code == 200
+            assert len(answer.json()["predictions"]) == 4
+        listed = [m["modelName"] for m in http.get("/models").json()["models"]]
+        assert listed == ["packed", "unpacked"]
+        assert http.delete("/models/packed").status_code == 200
+        assert http.get("/models/packed").status_code == 404
+        assert http.get("/ping").status_code == 200

@@ -23,6 +23,7 @@ from sagemaker.deserializers import JSONDeserializer
 from sagemaker.estimator import Estimator
 from sagemaker.local import LocalSession
 from sagemaker.model import Model
+from sagemaker.multidatamodel import MultiDataModel
 from sagemaker.predictor import Predictor
 from sagemaker.serializers import IdentitySerializer
 
@@ -41,23 +42,31 @@ def sdk_leaks_pipes() -> Iterator[None]:
         gc.collect()
 
 
-@pytest.fixture(scope="module")
-def session(
-    tmp_path_factory: pytest.TempPathFactory, sagemaker_sdk_env: dict[str, str]
+@contextmanager
+def local_session(
+    sdk_env: dict[str, str], root: Path, s3_endpoint_url: str | None = None
 ) -> Iterator[LocalSession]:
-    """A local-mode session with telemetry off, fake credentials and its temp files under tmp."""
-    with socket.socket() as probe:
-        if probe.connect_ex(("127.0.0.1", 8080)) == 0:
-            pytest.fail("host port 8080 is in use: local mode publishes endpoints there; free it")
-    root = tmp_path_factory.mktemp("sagemaker-local")
+    """A local-mode session with telemetry off, fake credentials and its temp files in `root`;
+    S3 is moto's when `s3_endpoint_url` names it."""
     with pytest.MonkeyPatch.context() as env:
-        for name, value in sagemaker_sdk_env.items():
+        for name, value in sdk_env.items():
             env.setenv(name, value)
         boto = boto3.Session(
             aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
         )
-        local = LocalSession(boto_session=boto)
+        local = LocalSession(boto_session=boto, s3_endpoint_url=s3_endpoint_url)
         local.config = {"local": {"local_code": True, "container_root": str(root)}}
+        yield local
+
+
+@pytest.fixture(scope="module")
+def session(
+    tmp_path_factory: pytest.TempPathFactory, sagemaker_sdk_env: dict[str, str]
+) -> Iterator[LocalSession]:
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", 8080)) == 0:
+            pytest.fail("host port 8080 is in use: local mode publishes endpoints there; free it")
+    with local_session(sagemaker_sdk_env, tmp_path_factory.mktemp("sagemaker-local")) as local:
         yield local
 
 
@@ -168,3 +177,56 @@ def test_batch_transform_writes_one_out_per_jpeg(
     for out in outs:
         top = json.loads((output / out).read_text())["predictions"][0]
         assert 0.0 <= top["probability"] <= 1.0
+
+
+def test_a_multi_data_model_serves_each_target_model(
+    image: str,
+    sagemaker_sdk_env: dict[str, str],
+    moto_server: str,
+    model_data: Path,
+    dataset: Path,
+    tmp_path: Path,
+) -> None:
+    """`MultiDataModel` in local mode, its prefix in S3 (moto): local mode downloads the prefix,
+    mounts it (its tarballs, and their files unpacked over each other) at /opt/ml/model, never
+    calls /models, and sends each request to /invocations with the target model in the
+    X-Amzn-SageMaker-Target-Model header; the server loads what that names on first use."""
+    (tmp_path / "root").mkdir()
+    with local_session(sagemaker_sdk_env, tmp_path / "root", moto_server) as session:
+        s3 = session.boto_session.client("s3", endpoint_url=moto_server)
+        s3.create_bucket(Bucket="multi-models")
+        for name in ("dogs.tar.gz", "dogs-v2.tar.gz"):
+            s3.upload_file(str(model_data), "multi-models", f"models/{name}")
+        multi = MultiDataModel(
+            name="local-multi-model",
+            model_data_prefix="s3://multi-models/models/",
+            image_uri=image,
+            role=ROLE,
+            env={"SAGEMAKER_MULTI_MODEL": "true"},
+            sagemaker_session=session,
+        )
+        with sdk_leaks_pipes():
+            multi.deploy(
+                initial_instance_count=1,
+                instance_type="local",
+                endpoint_name="local-multi",
+                wait=False,
+            )
+        predictor = Predictor(
+            "local-multi",
+            sagemaker_session=session,
+            serializer=IdentitySerializer("image/jpeg"),
+            deserializer=JSONDeserializer(),
+        )
+        classes = len(list((dataset / "test").iterdir()))
+        jpeg = _test_jpegs(dataset, 1)[0].read_bytes()
+        try:
+            for target in ("dogs.tar.gz", "dogs-v2.tar.gz"):
+                result = predictor.predict(jpeg, target_model=target)
+                assert len(result["predictions"]) == classes
+            logs = docker("logs", containers_of(image)[0], check=False)  # compose: a tty
+            loaded = "Model 'dogs-v2.tar.gz' loaded from /opt/ml/model/dogs-v2.tar.gz"
+            assert loaded in logs.stdout + logs.stderr
+        finally:
+            with sdk_leaks_pipes():
+                predictor.delete_endpoint(delete_endpoint_config=True)

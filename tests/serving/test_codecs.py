@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
+import gzip
 import io
 import json
+import stat
+import tarfile
 import tracemalloc
+import zipfile
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from container.abstention import Override
 from container.serving.budget import RequestBudget
 from container.serving.codecs import (
     JSON,
     JSONLINES,
+    READABLE_TYPES,
     ImageInput,
     choose_response_type,
     encode,
@@ -143,10 +150,16 @@ def _over_the_count(kind: str) -> tuple[str, bytes]:
         return "application/jsonlines", b"not json\n" * 5
     if kind == "multipart":
         return _multipart(5)
+    if kind == "zip":
+        return ZIP, _zip([(f"{i}.png", b"not an image") for i in range(5)])
+    if kind == "tar":
+        return TAR, _tar([(f"{i}.png", b"not an image") for i in range(5)])
     return NPY, _npy(np.zeros((5, 4, 4, 3), np.uint8))
 
 
-@pytest.mark.parametrize("kind", ["json list", "json instances", "json lines", "multipart", "npy"])
+@pytest.mark.parametrize(
+    "kind", ["json list", "json instances", "json lines", "multipart", "npy", "zip", "tar"]
+)
 def test_more_images_than_the_budget_are_refused_before_any_is_read(kind: str) -> None:
     content_type, body = _over_the_count(kind)
     with pytest.raises(PayloadTooLargeError, match=r"the limit is 4 .*\(SERVE_MAX_IMAGES\)$"):
@@ -269,6 +282,335 @@ def test_hostile_json_is_a_bad_request(content_type: str, body: bytes, words: st
         _inputs(content_type, body)
 
 
+# --- .zip and .tar bodies -------------------------------------------------------------------------
+
+ZIP = "application/zip"
+TAR = "application/x-tar"
+MANY = RequestBudget(max_images=64, max_image_pixels=10_000, max_request_pixels=10**6)
+MiB = 1 << 20
+
+
+@functools.cache
+def _png(i: int) -> bytes:
+    """A real 8x8 PNG, different for each `i`."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (i % 256, (7 * i) % 256, 255 - i % 256)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _zip(
+    members: list[tuple[str | zipfile.ZipInfo, bytes]], method: int = zipfile.ZIP_DEFLATED
+) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", method) as zf:
+        for name, data in members:
+            zf.writestr(name, data)
+    return buffer.getvalue()
+
+
+def _tar(members: list[tuple[str | tarfile.TarInfo, bytes]], mode: str = "w") -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode=mode) as tf:
+        for member, data in members:
+            info = tarfile.TarInfo(member) if isinstance(member, str) else member
+            if info.isfile():
+                info.size = len(data)
+            tf.addfile(info, io.BytesIO(data) if info.isfile() else None)
+    return buffer.getvalue()
+
+
+def _tar_entry(name: str, kind: bytes) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, "/etc/passwd"
+    return info
+
+
+def _archive(
+    content_type: str,
+    body: bytes,
+    budget: RequestBudget = MANY,
+    max_unpacked_bytes: int = 6 * MiB,
+) -> list[ImageInput]:
+    inputs, many = asyncio.run(read_inputs(content_type, body, budget, max_unpacked_bytes))
+    assert many
+    return inputs
+
+
+def _central(body: bytes, name: str, offset: int, value: bytes) -> bytes:
+    """The zip with `value` written `offset` bytes into the central directory entry of `name`."""
+    at = body.index(b"PK\x01\x02")
+    while body[at + 46 : at + 46 + len(name)] != name.encode():
+        at = body.index(b"PK\x01\x02", at + 1)
+    return body[: at + offset] + value + body[at + offset + len(value) :]
+
+
+class _Zeros:
+    """`size` zero bytes, made as they are read: a bomb's content without holding it in memory."""
+
+    def __init__(self, size: int) -> None:
+        self.left = size
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n < 0 else min(n, self.left)
+        self.left -= n
+        return bytes(n)
+
+
+def _zip_of_zeros(size: int, *after: tuple[str, bytes]) -> bytes:
+    """`zeros.png`, `size` zero bytes honestly declared and deflated about 1000:1, then `after`."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
+        with zf.open("zeros.png", "w") as out:
+            for _ in range(size // MiB):
+                out.write(bytes(MiB))
+        for name, data in after:
+            zf.writestr(name, data)
+    return buffer.getvalue()
+
+
+def _tar_gz_of_zeros(size: int) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=9) as tf:
+        info = tarfile.TarInfo("zeros.png")
+        info.size = size
+        tf.addfile(info, _Zeros(size))  # type: ignore[arg-type]
+    return buffer.getvalue()
+
+
+def _fifty(content_type: str) -> bytes:
+    members = [(f"photos/{i // 10}/{i:02d}.png", _png(i)) for i in range(50)]
+    if content_type in (ZIP, "application/x-zip-compressed"):
+        return _zip(members)
+    return _tar(members, "w" if content_type == "application/tar" else "w:gz")
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        ZIP,
+        "application/x-zip-compressed",
+        "application/tar",  # a plain tar
+        TAR,  # gzip-compressed, found by its magic number
+        "application/gzip",
+        "application/x-gzip",
+        "application/x-gtar",
+    ],
+)
+def test_an_archive_of_many_images_is_read_in_order_and_named_by_path(content_type: str) -> None:
+    inputs = _archive(content_type, _fifty(content_type))
+    assert [i.name for i in inputs] == [f"photos/{i // 10}/{i:02d}.png" for i in range(50)]
+    assert [i.data for i in inputs] == [_png(i) for i in range(50)]
+    assert all(i.error is None and i.pixels is None for i in inputs)
+
+
+def test_one_image_in_an_archive_is_still_a_list() -> None:
+    assert [i.name for i in _archive(ZIP, _zip([("a.png", _png(0))]))] == ["a.png"]
+
+
+def test_archive_types_are_listed_when_a_type_is_refused() -> None:
+    assert {ZIP, TAR, "application/gzip"} <= READABLE_TYPES
+    with pytest.raises(UnsupportedMediaTypeError, match=r"application/x-tar, .*application/zip"):
+        _inputs("application/x-7z-compressed", b"7z")
+
+
+def test_folders_links_hidden_files_and_os_junk_are_skipped() -> None:
+    link = zipfile.ZipInfo("link.png")
+    link.external_attr = (stat.S_IFLNK | 0o777) << 16
+    zipped = _zip(
+        [
+            ("photos/", b""),
+            ("./a.png", _png(1)),
+            ("__MACOSX/photos/._a.png", b"AppleDouble"),
+            (".DS_Store", b"Bud1"),
+            ("photos/.hidden.png", _png(2)),
+            (".git/objects/ab", b"blob"),
+            ("photos\\Thumbs.db", b"thumbs"),
+            (link, b"/etc/passwd"),
+            ("photos/b.png", _png(3)),
+        ]
+    )
+    assert [i.name for i in _archive(ZIP, zipped)] == ["./a.png", "photos/b.png"]
+    tarred = _tar(
+        [
+            (_tar_entry("photos", tarfile.DIRTYPE), b""),
+            ("./photos/a.png", _png(1)),
+            (_tar_entry("photos/link.png", tarfile.SYMTYPE), b""),
+            (_tar_entry("photos/hard.png", tarfile.LNKTYPE), b""),
+            (_tar_entry("photos/fifo", tarfile.FIFOTYPE), b""),
+            ("photos/._a.png", b"AppleDouble"),
+            ("photos/.DS_Store", b"Bud1"),
+            ("photos/b.png", _png(3)),
+        ]
+    )
+    assert [i.name for i in _archive(TAR, tarred)] == ["./photos/a.png", "photos/b.png"]
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+def test_more_entries_than_four_an_image_are_refused_before_any_is_read(kind: str) -> None:
+    """Folders and links are skipped, but each costs a header: 4 x 4 images + 64 at most."""
+    folders = [f"{i}/" for i in range(81)]
+    if kind == "zip":
+        content_type, body = ZIP, _zip([*((f, b"") for f in folders), ("a.png", _png(0))])
+    else:
+        links = [(_tar_entry(f"{i}.png", tarfile.SYMTYPE), b"") for i in range(81)]
+        content_type, body = TAR, _tar([*links, ("a.png", _png(0))])
+    with pytest.raises(
+        PayloadTooLargeError, match=r"more than 80 entries .* 4 images .*\(SERVE_MAX_IMAGES\)$"
+    ):
+        _archive(content_type, body, BUDGET)
+
+
+@pytest.mark.parametrize(
+    ("kind", "words"),
+    [
+        ("zip", r"zeros\.png declares 209,715,200 bytes; the limit is 6,291,456 bytes"),
+        ("tar.gz", r"the archive decompresses to more than 6\.6 MB of tar"),  # and its headers
+    ],
+)
+def test_a_bomb_is_refused_from_its_headers_before_it_is_unpacked(kind: str, words: str) -> None:
+    body = _zip_of_zeros(200 * MiB) if kind == "zip" else _tar_gz_of_zeros(200 * MiB)
+    assert len(body) < MiB
+    tracemalloc.start()
+    try:
+        with pytest.raises(
+            PayloadTooLargeError, match=rf"^{words}.*\(SAGEMAKER_MAX_PAYLOAD_IN_MB\)$"
+        ):
+            _archive(ZIP if kind == "zip" else TAR, body)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * MiB  # a .tar.gz is decompressed up to the limit, no further
+
+
+def test_the_images_of_an_archive_together_are_held_to_the_limit() -> None:
+    body = _zip([(f"{i}.png", bytes(600)) for i in range(3)])
+    assert len(_archive(ZIP, body, max_unpacked_bytes=1800)) == 3
+    with pytest.raises(
+        PayloadTooLargeError,
+        match=r"3 images declare 1,800 bytes; the limit is 1,000 bytes unpacked per request, "
+        r"send fewer .*\(SAGEMAKER_MAX_PAYLOAD_IN_MB\)$",
+    ):
+        _archive(ZIP, body, max_unpacked_bytes=1000)
+
+
+@pytest.mark.parametrize(
+    ("declared", "error"),
+    [
+        (1000, "fails its CRC check"),  # 20 MiB of zeros declared as 1,000 bytes: read no further
+        (30 * MiB, "holds 20,971,520 of the 31,457,280 bytes its header declares"),
+    ],
+)
+def test_a_zip_header_that_lies_about_a_size_fails_that_member_alone(
+    declared: int, error: str
+) -> None:
+    body = _zip_of_zeros(20 * MiB, ("a.png", _png(1)), ("b.png", _png(2)))
+    body = _central(body, "zeros.png", 24, declared.to_bytes(4, "little"))
+    tracemalloc.start()
+    try:
+        inputs = _archive(ZIP, body, max_unpacked_bytes=64 * MiB)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [(i.name, i.data is None) for i in inputs] == [
+        ("zeros.png", True),
+        ("a.png", False),
+        ("b.png", False),
+    ]
+    assert inputs[0].error is not None
+    assert error in inputs[0].error
+    assert peak < (2 if declared < MiB else 64) * MiB
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+def test_a_member_that_cannot_be_read_out_fails_alone(kind: str) -> None:
+    images = [_png(i) for i in range(3)]
+    members = [(f"{i}.png", image) for i, image in enumerate(images)]
+    if kind == "zip":  # a flipped byte in the middle image: a CRC error
+        body = bytearray(_zip(members, zipfile.ZIP_STORED))
+        body[body.index(images[1]) + 20] ^= 0xFF
+        error = "fails its CRC check"
+        broken = 1
+    else:  # cut inside the last image: the end of the body is lost
+        body = bytearray(_tar(members))
+        del body[body.index(images[2]) + 20 :]
+        error = "is cut short"
+        broken = 2
+    inputs = _archive(TAR if kind == "tar" else ZIP, bytes(body))
+    assert [i.name for i in inputs] == ["0.png", "1.png", "2.png"]
+    for i, item in enumerate(inputs):
+        if i == broken:
+            assert (item.data, item.pixels) == (None, None)
+            assert item.error is not None
+            assert item.error.startswith(error)
+        else:
+            assert (item.data, item.error) == (images[i], None)
+
+
+def test_an_encrypted_zip_member_is_refused_by_name() -> None:
+    body = _zip([("a.png", _png(1)), ("secret\x1b.png", _png(2))])
+    body = _central(body, "secret\x1b.png", 8, b"\x01")  # general purpose flag bit 0
+    with pytest.raises(
+        BadRequestError, match=r"^secret\?\.png is encrypted; make the archive without a password$"
+    ):
+        _archive(ZIP, body)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        (ZIP, b"not a zip"),
+        (ZIP, _png(1)),
+        (ZIP, _zip([("a.png", _png(1))])[:-10]),  # cut short: no end of central directory
+        (TAR, _png(1)),
+        (TAR, b"x" * 2000),
+        ("application/gzip", b"\x1f\x8b not gzip"),
+        ("application/gzip", _tar([("a.png", _png(1))], "w:gz")[:-30]),  # cut short
+        ("application/gzip", gzip.compress(_png(1))),  # gzip, but not of a tar
+    ],
+    ids=[
+        "text",
+        "png-as-zip",
+        "cut-zip",
+        "png-as-tar",
+        "text-as-tar",
+        "bad-gzip",
+        "cut-gzip",
+        "gzip-png",
+    ],
+)
+def test_a_body_that_is_not_an_archive_of_its_type_is_a_bad_request(
+    content_type: str, body: bytes
+) -> None:
+    with pytest.raises(BadRequestError, match=r"send the images as the files of a \.zip"):
+        _archive(content_type, body)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        (ZIP, _zip([])),
+        (TAR, _tar([])),
+        (ZIP, _zip([("photos/", b""), ("__MACOSX/._a.png", b"x"), (".DS_Store", b"x")])),
+    ],
+    ids=["empty-zip", "empty-tar", "only-junk"],
+)
+def test_an_archive_without_images_is_a_bad_request(content_type: str, body: bytes) -> None:
+    with pytest.raises(BadRequestError, match="the archive holds no image files"):
+        _archive(content_type, body)
+
+
+def test_archive_paths_are_made_safe_to_show() -> None:
+    long = "a/" * 150 + "b.png"
+    body = _zip([("evil\x1b[31m\r\n.png", _png(1)), (long, _png(2))])
+    assert [i.name for i in _archive(ZIP, body)] == ["evil?[31m??.png", long[:200] + "..."]
+    # a central directory name of no length, whose one byte becomes an extra field
+    nameless = _central(_zip([("z", _png(3))]), "z", 28, b"\x00\x00\x01\x00")
+    (item,) = _archive(ZIP, nameless)
+    assert item.name == "(a file with no name)"
+    assert item.error is not None
+    assert item.error.startswith("has a damaged local header")
+
+
 @pytest.mark.parametrize(
     ("accept", "expected"),
     [
@@ -386,7 +728,7 @@ def test_settings_from_the_environment() -> None:
         ("SAGEMAKER_BIND_TO_PORT", "99999"),
         ("SAGEMAKER_BIND_TO_PORT", "eighty"),
         ("SERVE_MAX_BATCH_SIZE", "0"),
-        ("SAGEMAKER_MAX_PAYLOAD_IN_MB", "500"),
+        ("SAGEMAKER_MAX_PAYLOAD_IN_MB", "2000"),
         ("SERVE_DEVICE", "gpu"),
         ("SAGEMAKER_DEFAULT_INVOCATIONS_ACCEPT", "text/csv"),
         ("SERVE_PRECISION", "int4"),

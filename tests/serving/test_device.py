@@ -32,7 +32,7 @@ def test_cuda_without_a_usable_gpu_is_503_for_good_with_the_reason(trained: OptM
         invocation = app.post(jpeg(photo()))
         assert invocation.status_code == 503
         assert invocation.json()["message"] == message
-        assert line == f"ERROR container.serving.app: Not serving: {message}"
+        assert line == f"ERROR container.serving.state: Not serving: {message}"
 
 
 def _serves_on_the_cpu(app: App) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import tarfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,16 @@ from PIL import Image
 
 from container.model import load_artifact
 from container.sagemaker_env import OptMl
-from tests.serving.conftest import App, encoded, jpeg, photo
+from tests.serving.conftest import (
+    QUICK,
+    App,
+    Server,
+    encoded,
+    in_process,
+    jpeg,
+    photo,
+    serve_settings,
+)
 
 MiB = 1 << 20
 
@@ -200,19 +211,25 @@ def test_truncated_jpeg(app: App, dog: bytes) -> None:
     assert "truncated" in response.json()["message"]
 
 
-def test_the_bad_image_of_many_is_named(app: App, dog: bytes) -> None:
-    response = app.client.post(
-        "/invocations",
-        files=[
-            ("image", ("good.jpg", dog)),
-            ("image", ("cut.jpg", dog[:300])),
-            ("image", ("good2.jpg", dog)),
-        ],
-    )
+def test_the_bad_image_of_many_is_named_in_its_own_result(app: App, dog: bytes) -> None:
+    files = [("good.jpg", dog), ("cut.jpg", dog[:300]), ("good2.jpg", dog)]
+    response = app.client.post("/invocations", files=[("image", f) for f in files])
+    assert response.status_code == 200
+    results = response.json()["results"]
+    assert [r["image"] for r in results] == ["good.jpg", "cut.jpg", "good2.jpg"]
+    assert results[0]["predictions"] == results[2]["predictions"]
+    assert "predictions" not in results[1]
+    assert results[1]["error"] == "bad_request"
+    assert results[1]["message"].startswith("cut.jpg: ")
+
+
+def test_a_request_whose_images_all_fail_is_refused(app: App, dog: bytes) -> None:
+    files = [("cut.jpg", dog[:300]), ("text.jpg", b"not an image")]
+    response = app.client.post("/invocations", files=[("image", f) for f in files])
     assert response.status_code == 400
     message = response.json()["message"]
-    assert message.startswith("1 of 3 images are not usable: cut.jpg:")
-    assert "good.jpg" not in message
+    assert message.startswith("all 2 images are not usable: cut.jpg: ")
+    assert "text.jpg: " in message
 
 
 @pytest.mark.parametrize(
@@ -314,6 +331,96 @@ def test_platform_headers_are_tolerated(app: App, dog: bytes) -> None:
         x_amzn_sagemaker_enable_explanations="`true`",
     )
     assert response.status_code == 200
+
+
+def _zip(members: list[tuple[str, bytes]]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members:
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def test_a_zip_of_50_images_gets_50_results_in_order_the_corrupt_one_named(
+    app: App, test_images: list[Path]
+) -> None:
+    members = [(f"batch/{i:02d}-{p.name}", p.read_bytes()) for i, p in enumerate(test_images * 3)]
+    members = members[:50]
+    members[17] = ("batch/17-corrupt.jpg", b"\xff\xd8\xff\xe0 this is no JPEG")
+    response = app.post(_zip(members), "application/zip")
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [r["image"] for r in results] == [name for name, _ in members]
+    assert results[17]["error"] == "bad_request"
+    assert results[17]["message"].startswith("batch/17-corrupt.jpg: ")
+    answered = [r for i, r in enumerate(results) if i != 17]
+    assert all(len(r["predictions"]) == 4 for r in answered)
+    # each image's answer is the one it gets alone
+    alone = app.post(members[3][1], "application/octet-stream")
+    batched, single = results[3]["predictions"], alone.json()["predictions"]
+    assert [p["label"] for p in batched] == [p["label"] for p in single]
+    for a, b in zip(batched, single, strict=True):
+        assert a["probability"] == pytest.approx(b["probability"], abs=1e-3)
+
+
+def test_a_tar_gz_of_images_is_answered_line_by_line(app: App, test_images: list[Path]) -> None:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for path in test_images[:3]:
+            archive.add(path, arcname=f"in/{path.name}")
+    response = app.post(buffer.getvalue(), "application/gzip", accept="application/jsonlines")
+    lines = [json.loads(line) for line in response.text.splitlines()]
+    assert [line["image"] for line in lines] == [f"in/{p.name}" for p in test_images[:3]]
+
+
+def test_every_response_carries_content_length_never_chunked(server: Server, dog: bytes) -> None:
+    """What SageMaker's asynchronous and batch paths need, on the real socket."""
+    responses = [
+        server.post(dog),
+        server.post(_zip([("a.jpg", dog), ("b.jpg", b"broken")]), "application/zip"),
+        server.post(dog, "text/csv"),
+        server.client.get("/ping"),
+        server.client.get("/execution-parameters"),
+        server.client.get("/models"),
+    ]
+    assert [r.status_code for r in responses] == [200, 200, 415, 200, 200, 404]
+    for response in responses:
+        assert "transfer-encoding" not in response.headers
+        assert int(response.headers["content-length"]) == len(response.content)
+
+
+def test_a_raised_payload_cap_raises_the_request_budgets(trained: OptMl) -> None:
+    """As an asynchronous endpoint's model sets it: 600 MiB takes 100 times the images of 6, and
+    batch transform is still offered its own 100 MB at most."""
+    tiny = base64.b64encode(jpeg(photo(24, 16))).decode()
+    with in_process(serve_settings(trained, max_payload_mb=600, **QUICK)) as app:
+        app.wait_until(200)
+        many = app.post(json.dumps([tiny] * 200).encode(), "application/json")
+        assert many.status_code == 200, many.text
+        assert len(many.json()["results"]) == 200
+        parameters = app.client.get("/execution-parameters").json()
+        assert parameters["MaxPayloadInMB"] == 100
+        assert parameters["MaxConcurrentTransforms"] == 1
+    with in_process(serve_settings(trained, max_payload_mb=600, max_images=64, **QUICK)) as app:
+        app.wait_until(200)
+        refused = app.post(json.dumps([tiny] * 65).encode(), "application/json")
+        assert refused.status_code == 413
+        assert "SERVE_MAX_IMAGES" in refused.json()["message"]
+
+
+def test_a_request_of_more_images_than_the_queue_holds_is_answered_a_window_at_a_time(
+    trained: OptMl,
+) -> None:
+    tiny = [base64.b64encode(jpeg(photo(24, 16, seed=i))).decode() for i in range(10)]
+    tiny[6] = base64.b64encode(b"no image").decode()
+    with in_process(serve_settings(trained, max_queued_images=4, **QUICK)) as app:
+        app.wait_until(200)
+        response = app.post(json.dumps(tiny).encode(), "application/json")
+        assert response.status_code == 200, response.text
+        results = response.json()["results"]
+        assert [r["image"] for r in results] == [f"image {i}" for i in range(10)]
+        assert [i for i, r in enumerate(results) if "error" in r] == [6]
+        assert app.log_lines(r"status=200 .* images=10 ")
 
 
 def test_execution_parameters(app: App) -> None:

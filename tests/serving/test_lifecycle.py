@@ -197,7 +197,10 @@ def test_default_accept_can_be_jsonlines(trained: OptMl) -> None:
 @pytest.mark.parametrize(
     ("env", "words"),
     [
-        ({"SAGEMAKER_MULTI_MODEL": "true"}, "serves one model"),
+        (
+            {"SAGEMAKER_MULTI_MODEL": "true", "SAGEMAKER_MODEL_SERVER_WORKERS": "2"},
+            "set SAGEMAKER_MODEL_SERVER_WORKERS=1",
+        ),
         ({"SERVE_DEVICE": "gpu"}, "SERVE_DEVICE='gpu' is invalid: Input should be 'auto', 'cuda'"),
     ],
 )
