@@ -35,6 +35,7 @@ COMMANDS: dict[str, str] = {
     "train": "launch.training",
     "report": "launch.report",
     "deploy": "launch.hosting",
+    "add-model": "launch.add_model",
     "cleanup": "launch.cleanup",
     "explain": "launch.explain",
     "doctor": "launch.doctor",

@@ -104,7 +104,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--hosting-instance-type",
         help="what `launch deploy` will use (default: its own setting, else "
-        f"{deploy['instance_type']})",
+        f"{hosting.instance_type(deploy)})",
     )
 
 
@@ -123,7 +123,7 @@ def _plan(args: argparse.Namespace) -> Plan:
     deploy = {**_defaults(hosting.add_arguments), **config.get("deploy", {})}
     return Plan(
         training_type=args.training_instance_type or train["instance_type"],
-        hosting_type=args.hosting_instance_type or deploy["instance_type"],
+        hosting_type=args.hosting_instance_type or hosting.instance_type(deploy),
         inference_ami=deploy.get("inference_ami_version"),
         debugger=train.get("debugger") or "auto",
     )

@@ -101,23 +101,38 @@ class Launch:
             check=False,
         )
 
-    def ok(self, *args: str) -> subprocess.CompletedProcess[str]:
-        done = self(*args)
+    def ok(
+        self, *args: str, env: Mapping[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        done = self(*args, env=env)
         assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
         return done
+
+    def _recording(self) -> Iterator[dict[str, Any]]:
+        """Every request moto received since the test began, as its recorder wrote it down."""
+        url = f"{self.env['AWS_ENDPOINT_URL']}/moto-api/recorder/download-recording"
+        for line in httpx.get(url).text.splitlines():
+            yield json.loads(line)
 
     def sent(self, target: str) -> list[dict[str, Any]]:
         """The JSON bodies of the requests moto received since the test began whose X-Amz-Target
         is `target` (e.g. "SageMaker.CreateTrainingJob"): what SageMaker would have received."""
-        url = f"{self.env['AWS_ENDPOINT_URL']}/moto-api/recorder/download-recording"
         bodies = []
-        for line in httpx.get(url).text.splitlines():
-            entry = json.loads(line)
+        for entry in self._recording():
             headers = {k.lower(): v for k, v in entry["headers"].items()}
             if headers.get("x-amz-target") == target:
                 body = entry["body"]
                 bodies.append(json.loads(base64.b64decode(body) if entry["body_encoded"] else body))
         return bodies
+
+    def received(self, path: str) -> list[dict[str, str]]:
+        """The headers (lower-case names) of the requests moto received since the test began
+        whose URL path ends with `path`: what a REST API such as SageMaker Runtime's received."""
+        return [
+            {k.lower(): v for k, v in entry["headers"].items()}
+            for entry in self._recording()
+            if httpx.URL(entry["url"]).path.endswith(path)
+        ]
 
     def client(self, service: str) -> Any:
         """A boto3 client on moto, to read back what the command created."""

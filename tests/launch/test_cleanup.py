@@ -25,6 +25,12 @@ def _remaining(launch: Launch) -> dict[str, list[str]]:
                 "ScalableTargets"
             ]
         ],
+        "policies": [
+            p["PolicyName"]
+            for p in scaling.describe_scaling_policies(ServiceNamespace="sagemaker")[
+                "ScalingPolicies"
+            ]
+        ],
     }
 
 
@@ -37,8 +43,12 @@ def test_cleanup_lists_asks_and_deletes_only_what_deploy_made(launch: Launch) ->
 
     dry = launch("cleanup", "--dry-run")
     assert dry.returncode == 0, dry.stderr
-    assert "7 resource(s)" in dry.stdout  # 1 target + 2 endpoints + 2 configs + 2 models
+    assert "8 resource(s)" in dry.stdout  # policy, target, 2 endpoints, 2 configs, 2 models
+    assert (
+        "scaling-policy   ep-scaled-invocations (on endpoint/ep-scaled/variant/AllTraffic)"
+    ) in dry.stdout
     assert "scaling-target   endpoint/ep-scaled/variant/AllTraffic" in dry.stdout
+    assert "S3 objects" not in dry.stdout  # real-time endpoints keep nothing there
     assert "ep-other" not in dry.stdout
     assert _remaining(launch) == before
 
@@ -51,17 +61,26 @@ def test_cleanup_lists_asks_and_deletes_only_what_deploy_made(launch: Launch) ->
     done = launch("cleanup", "--yes")
     assert done.returncode == 0, done.stderr
     deleted = [line for line in done.stdout.splitlines() if line.startswith("deleted ")]
-    assert deleted[0] == "deleted scaling-target endpoint/ep-scaled/variant/AllTraffic"
-    assert [line.split()[1] for line in deleted] == ["scaling-target"] + ["endpoint"] * 2 + [
+    assert deleted[:2] == [
+        "deleted scaling-policy ep-scaled-invocations",
+        "deleted scaling-target endpoint/ep-scaled/variant/AllTraffic",
+    ]
+    assert [line.split()[1] for line in deleted[2:]] == ["endpoint"] * 2 + [
         "endpoint-config"
     ] * 2 + ["model"] * 2
     after = _remaining(launch)
     assert after["endpoints"] == after["configs"] == ["ep-other"]
     assert len(after["models"]) == 1
-    assert after["targets"] == []
+    assert after["targets"] == after["policies"] == []
 
     launch.ok("cleanup", "--yes", "--prefix", "someone-else")
-    assert _remaining(launch) == {"endpoints": [], "configs": [], "models": [], "targets": []}
+    assert _remaining(launch) == {
+        "endpoints": [],
+        "configs": [],
+        "models": [],
+        "targets": [],
+        "policies": [],
+    }
     again = launch.ok("cleanup", "--yes")
     assert "nothing to delete" in again.stdout
 
@@ -71,4 +90,10 @@ def test_cleanup_answering_yes_deletes(launch: Launch) -> None:
     done = launch("cleanup", stdin="y\n")
     assert done.returncode == 0, done.stderr
     assert "deleted endpoint ep-one" in done.stdout
-    assert _remaining(launch) == {"endpoints": [], "configs": [], "models": [], "targets": []}
+    assert _remaining(launch) == {
+        "endpoints": [],
+        "configs": [],
+        "models": [],
+        "targets": [],
+        "policies": [],
+    }
