@@ -1,4 +1,5 @@
-"""Images the tests make themselves: photo-like pixels, and files whose headers lie."""
+"""Images the tests make themselves: photo-like pixels, files whose headers lie, and the zeros
+of an archive bomb."""
 
 from __future__ import annotations
 
@@ -28,3 +29,15 @@ def png_header(width: int, height: int) -> bytes:
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+class Zeros:
+    """`size` zero bytes, made as they are read: a bomb's content without holding it in memory."""
+
+    def __init__(self, size: int) -> None:
+        self.left = size
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n < 0 else min(n, self.left)
+        self.left -= n
+        return bytes(n)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from container.archives import ArchiveBudget, ArchiveError, unpack_once
+from tests.crafted import Zeros
 
 MiB = 1 << 20
 
@@ -81,18 +82,6 @@ def test_a_zip_with_folders_unpacks(tmp_path: Path) -> None:
     assert (dest / "train" / "dog" / "2.jpg").read_bytes() == b"jpeg"
 
 
-class _Zeros:
-    """`size` zero bytes, made as they are read: a bomb's content without holding it in memory."""
-
-    def __init__(self, size: int) -> None:
-        self.left = size
-
-    def read(self, n: int = -1) -> bytes:
-        n = self.left if n < 0 else min(n, self.left)
-        self.left -= n
-        return bytes(n)
-
-
 BOMB = 256 * MiB
 
 
@@ -100,7 +89,7 @@ def _tar_bomb(path: Path) -> Path:
     with tarfile.open(path, "w:gz", compresslevel=1) as tf:
         info = tarfile.TarInfo("zeros.bin")
         info.size = BOMB
-        tf.addfile(info, _Zeros(BOMB))  # type: ignore[arg-type]
+        tf.addfile(info, Zeros(BOMB))  # type: ignore[arg-type]
     return path
 
 
@@ -109,7 +98,7 @@ def _zip_bomb(path: Path) -> Path:
         zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf,
         zf.open("zeros.bin", "w", force_zip64=True) as out,
     ):
-        shutil.copyfileobj(_Zeros(BOMB), out, MiB)
+        shutil.copyfileobj(Zeros(BOMB), out, MiB)
     return path
 
 

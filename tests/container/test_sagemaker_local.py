@@ -120,6 +120,16 @@ def model(image: str, session: LocalSession, model_data: Path) -> Model:
     )
 
 
+def _jpeg_predictor(endpoint: str, session: LocalSession) -> Predictor:
+    """The SDK's predictor of a local endpoint: JPEG bytes in, JSON out."""
+    return Predictor(
+        endpoint,
+        sagemaker_session=session,
+        serializer=IdentitySerializer("image/jpeg"),
+        deserializer=JSONDeserializer(),
+    )
+
+
 def _test_jpegs(dataset: Path, count: int) -> list[Path]:
     return sorted((dataset / "test").rglob("*.jpg"))[:count]
 
@@ -134,12 +144,7 @@ def test_deploy_and_predict_jpeg_bytes(model: Model, session: LocalSession, data
             endpoint_name="local-dog",
             wait=False,
         )
-    predictor = Predictor(
-        "local-dog",
-        sagemaker_session=session,
-        serializer=IdentitySerializer("image/jpeg"),
-        deserializer=JSONDeserializer(),
-    )
+    predictor = _jpeg_predictor("local-dog", session)
     try:
         classes = sorted(p.name for p in (dataset / "test").iterdir())
         for jpeg in _test_jpegs(dataset, 3):
@@ -212,12 +217,7 @@ def test_a_multi_data_model_serves_each_target_model(
                 endpoint_name="local-multi",
                 wait=False,
             )
-        predictor = Predictor(
-            "local-multi",
-            sagemaker_session=session,
-            serializer=IdentitySerializer("image/jpeg"),
-            deserializer=JSONDeserializer(),
-        )
+        predictor = _jpeg_predictor("local-multi", session)
         classes = len(list((dataset / "test").iterdir()))
         jpeg = _test_jpegs(dataset, 1)[0].read_bytes()
         try:

@@ -10,6 +10,9 @@ def _deploy(launch: Launch, *flags: str) -> None:
     deploy(launch, "--instance-type", "ml.c5.xlarge", *flags)
 
 
+_NOTHING_LEFT = {"endpoints": [], "configs": [], "models": [], "targets": [], "policies": []}
+
+
 def _remaining(launch: Launch) -> dict[str, list[str]]:
     sagemaker = launch.client("sagemaker")
     scaling = launch.client("application-autoscaling")
@@ -74,13 +77,7 @@ def test_cleanup_lists_asks_and_deletes_only_what_deploy_made(launch: Launch) ->
     assert after["targets"] == after["policies"] == []
 
     launch.ok("cleanup", "--yes", "--prefix", "someone-else")
-    assert _remaining(launch) == {
-        "endpoints": [],
-        "configs": [],
-        "models": [],
-        "targets": [],
-        "policies": [],
-    }
+    assert _remaining(launch) == _NOTHING_LEFT
     again = launch.ok("cleanup", "--yes")
     assert "nothing to delete" in again.stdout
 
@@ -90,10 +87,4 @@ def test_cleanup_answering_yes_deletes(launch: Launch) -> None:
     done = launch("cleanup", stdin="y\n")
     assert done.returncode == 0, done.stderr
     assert "deleted endpoint ep-one" in done.stdout
-    assert _remaining(launch) == {
-        "endpoints": [],
-        "configs": [],
-        "models": [],
-        "targets": [],
-        "policies": [],
-    }
+    assert _remaining(launch) == _NOTHING_LEFT

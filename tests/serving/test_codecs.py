@@ -36,6 +36,7 @@ from container.serving.errors import (
     UnsupportedMediaTypeError,
 )
 from container.serving.settings import ServeSettings, SettingsError
+from tests.crafted import Zeros
 
 BUDGET = RequestBudget(max_images=4, max_image_pixels=10_000, max_request_pixels=30_000)
 NPY = "application/x-npy"
@@ -344,18 +345,6 @@ def _central(body: bytes, name: str, offset: int, value: bytes) -> bytes:
     return body[: at + offset] + value + body[at + offset + len(value) :]
 
 
-class _Zeros:
-    """`size` zero bytes, made as they are read: a bomb's content without holding it in memory."""
-
-    def __init__(self, size: int) -> None:
-        self.left = size
-
-    def read(self, n: int = -1) -> bytes:
-        n = self.left if n < 0 else min(n, self.left)
-        self.left -= n
-        return bytes(n)
-
-
 def _zip_of_zeros(size: int, *after: tuple[str, bytes]) -> bytes:
     """`zeros.png`, `size` zero bytes honestly declared and deflated about 1000:1, then `after`."""
     buffer = io.BytesIO()
@@ -373,7 +362,7 @@ def _tar_gz_of_zeros(size: int) -> bytes:
     with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=9) as tf:
         info = tarfile.TarInfo("zeros.png")
         info.size = size
-        tf.addfile(info, _Zeros(size))  # type: ignore[arg-type]
+        tf.addfile(info, Zeros(size))  # type: ignore[arg-type]
     return buffer.getvalue()
 
 
