@@ -1,14 +1,14 @@
 """Model-only speed: images/s of the server's own Predictor in each precision, no HTTP, no decoding.
 
 The artifact of the serving benchmark is loaded once and run through `container.serving.predictor`
-as the server builds it (`optimize=True`: traced and frozen TorchScript, channels-last) in fp32,
+as the server builds it (`optimize="jit"`: traced and frozen TorchScript, channels-last) in fp32,
 bf16 (where the CPU has native bf16 units) and int8 (where the artifact's int8 network may be
-served), with the plain eager fp32 module (`optimize=False`) as the baseline. `predict` is what the
-server's batcher calls: uint8 crops in, normalised there, logits and features out, one `Outputs`
-per image. Torch gets one thread per usable core, as the server with one worker does. Every form
-is warmed up at each batch size (the Predictor's `warm_up`, then an untimed round), then timed in
-interleaved rounds so that a noisy minute on a shared host touches all of them alike; a form's
-number is the median of its rounds.
+served), with the plain eager fp32 module (`optimize="eager"`) as the baseline. `predict` is what
+the server's batcher calls: uint8 crops in, normalised there, logits and features out, one
+`Outputs` per image. Torch gets one thread per usable core, as the server with one worker does.
+Every form is warmed up at each batch size (the Predictor's `warm_up`, then an untimed round), then
+timed in interleaved rounds so that a noisy minute on a shared host touches all of them alike; a
+form's number is the median of its rounds.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from bench._serve_wrk import wait_until_quiet
 from container import int8
 from container.devices import cpu_has_bf16
 from container.model import load_artifact
-from container.serving.predictor import Precision, Predictor
+from container.serving.predictor import Optimize, Precision, Predictor
 
 __all__ = ["BATCH_SIZES", "ModelRun", "ModelSpeed", "measure_model"]
 
@@ -64,11 +64,11 @@ def _forms(model_dir: Path) -> list[tuple[str, Predictor | str]]:
     """Each form to time with its Predictor, or the reason it cannot run here."""
     artifact = load_artifact(model_dir, _CPU)
 
-    def build(precision: Precision, optimize: bool = True) -> Predictor:
+    def build(precision: Precision, optimize: Optimize = "jit") -> Predictor:
         return Predictor(artifact, _CPU, [precision], optimize=optimize)
 
     forms: list[tuple[str, Predictor | str]] = [
-        ("eager fp32", build("fp32", optimize=False)),
+        ("eager fp32", build("fp32", optimize="eager")),
         ("fp32", build("fp32")),
     ]
     forms.append(

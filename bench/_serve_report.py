@@ -331,8 +331,8 @@ Images/s of the network as the server runs it, without HTTP or decoding: our ser
 224x224 uint8 crops at batch {batches}, {model.threads} torch threads (one per core, as the
 server), each form warmed up and then timed for {model.seconds:g} s per batch size in
 {model.rounds} interleaved rounds (the median round counts); host cores before timing:
-{model.host_cores:.2f}. "eager fp32" is the plain module (`optimize=False`), the others the
-traced and frozen TorchScript the server builds (`optimize=True`).
+{model.host_cores:.2f}. "eager fp32" is the plain module (`optimize="eager"`), the others the
+traced and frozen TorchScript the server builds (`optimize="jit"`).
 
 {_model_table(model)}
 

@@ -226,7 +226,7 @@ class Models:
             scratch,
             settings.device,
             settings.precision,
-            settings.optimize == "jit",
+            settings.optimization,
             self._max_batch_size,
         )
         release()  # what loading left behind (the forms not chosen) is not the model's

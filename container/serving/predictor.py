@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+from torch.fx.experimental.optimization import fuse
 from torchvision.models import ResNet
 
 from container import int8
@@ -38,6 +39,7 @@ from container.serving.explain import grad_cam, overlay_png
 
 __all__ = [
     "Measured",
+    "Optimize",
     "Precision",
     "PrecisionError",
     "Predictor",
@@ -98,6 +100,17 @@ def find_model_dir(model_dir: Path, scratch: Path) -> Path:
         f"folder down, or in a model.tar.gz; found {_tree(model_dir) or 'nothing'}"
     )
 
+
+Optimize = Literal["jit", "fused", "eager"]
+"""How the network runs: traced and frozen TorchScript; the eager module with BatchNorm folded
+into the convolutions by torch.fx (within a few per cent of jit, and freed when dropped, which
+TorchScript's traced modules are not: pytorch/pytorch#96726); or the plain eager module."""
+
+_FORMS = {
+    "jit": "TorchScript (traced, frozen)",
+    "fused": "eager, BatchNorm fused",
+    "eager": "eager",
+}
 
 Precision = Literal["fp32", "bf16", "fp16", "int8"]
 """A form the server can run the network in; SERVE_PRECISION adds `auto` (measure, then choose)."""
@@ -188,7 +201,7 @@ class Predictor:
         artifact: Artifact,
         device: torch.device,
         precisions: Sequence[Precision],
-        optimize: bool,
+        optimize: Optimize,
     ) -> None:
         self.classes = artifact.classes
         self.model_version = artifact.model_version
@@ -213,21 +226,25 @@ class Predictor:
 
     @property
     def form(self) -> str:
-        kind = "TorchScript (traced, frozen)" if self._optimize else "eager"
-        return f"{kind} {self.precision} on {self._form.device}"
+        return f"{_FORMS[self._optimize]} {self.precision} on {self._form.device}"
 
     def _build(self, precision: Precision, artifact: Artifact) -> _Form:
         size = self.prep.image_size
         if precision == "int8":
             cpu = torch.device("cpu")
             quantized = int8.load(self._fp32_outputs, artifact.int8_state or {}, size)
-            run = _traced(quantized, torch.float32, cpu, size) if self._optimize else quantized
+            jit = self._optimize == "jit"
+            run = _traced(quantized, torch.float32, cpu, size) if jit else quantized
             return _Form("int8", run, cpu, int8.policy(artifact))
         dtype = _DTYPES[precision]
-        if self._optimize:
-            low = WithFeatures(copy.deepcopy(self._fp32)).to(dtype=dtype).eval()
-            traced = _traced(low, dtype, self.device, size)
-            return _Form(precision, lambda x: traced(x.to(dtype)), self.device, artifact.policy)
+        if self._optimize != "eager":
+            module = WithFeatures(copy.deepcopy(self._fp32)).eval()
+            low: Any = (
+                _traced(module.to(dtype=dtype), dtype, self.device, size)
+                if self._optimize == "jit"
+                else fuse(module).to(dtype=dtype).to(memory_format=torch.channels_last)
+            )
+            return _Form(precision, lambda x: low(x.to(dtype)), self.device, artifact.policy)
 
         def eager(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             with torch.autocast(self.device.type, dtype, dtype != torch.float32):
@@ -327,7 +344,7 @@ def load_predictor(
     scratch: Path,
     device_choice: DeviceChoice,
     precision: str,
-    optimize: bool,
+    optimize: Optimize,
     max_batch_size: int,
 ) -> Predictor:
     """Choose the device, then find, load, optimise and warm up the model, and with

@@ -697,13 +697,13 @@ def test_settings_from_the_environment() -> None:
             "SAGEMAKER_DEFAULT_INVOCATIONS_ACCEPT": "Application/JSONLines",
             "SERVE_MAX_BATCH_SIZE": "32",
             "SERVE_DEVICE": "CPU",
-            "SERVE_OPTIMIZE": "Auto",  # the old name of jit
+            "SERVE_OPTIMIZE": "Auto",  # jit here: one model
             "UNRELATED": "ignored",
         }
     )
     assert settings.port == 9000
     assert settings.max_payload_bytes == 12 << 20
-    assert settings.optimize == "jit"
+    assert settings.optimization == "jit"
     assert settings.default_accept == JSONLINES
     assert settings.max_batch_size == 32
     assert settings.device == "cpu"

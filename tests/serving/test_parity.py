@@ -23,7 +23,7 @@ from container.decoding import decode, eval_crop
 from container.images import normalize, to_uint8_hwc
 from container.model import WithFeatures, load_artifact
 from container.sagemaker_env import OptMl
-from container.serving.predictor import Precision, Predictor
+from container.serving.predictor import Optimize, Precision, Predictor
 from tests.serving.conftest import App, in_process, serve_settings
 
 
@@ -80,13 +80,13 @@ def test_each_precision_serves_the_offline_top1(
         assert app.log_lines(rf"Ready in .* {precision} on cpu")
 
 
-@pytest.mark.parametrize("optimize", [True, False])
+@pytest.mark.parametrize("optimize", ["jit", "fused", "eager"])
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
 def test_reduced_precision_forms_keep_top1(
-    trained: OptMl, test_images: list[Path], optimize: bool, precision: Precision
+    trained: OptMl, test_images: list[Path], optimize: Optimize, precision: Precision
 ) -> None:
-    """bf16 (traced and frozen, or eager) against fp32, int8 against its eager network, image by
-    image."""
+    """bf16 (traced and frozen, fused or eager) against fp32, int8 against its eager network,
+    image by image."""
     artifact = load_artifact(trained.model_dir)
     predictor = Predictor(artifact, torch.device("cpu"), [precision], optimize)
     prep = artifact.preprocessing

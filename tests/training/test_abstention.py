@@ -123,7 +123,7 @@ def test_the_temperature_is_fitted_on_valid_and_lowers_its_nll(plain: Job) -> No
     assert meta["abstention"]["temperature"] == calibration["temperature"] != 1.0
     # One scalar divides the logits: every argmax, hence the accuracy, is what it was.
     artifact = load_artifact(plain.opt_ml.model_dir)
-    predictor = Predictor(artifact, torch.device("cpu"), ["fp32"], optimize=False)
+    predictor = Predictor(artifact, torch.device("cpu"), ["fp32"], optimize="eager")
     outputs = _outputs(predictor, _pixels(_images(plain.opt_ml.channel_dir("valid")), 64))
     assert torch.equal(
         calibrated(outputs.logits, calibration["temperature"]).argmax(dim=1),
@@ -154,7 +154,7 @@ def test_a_left_out_class_and_negatives_abstain_far_more_than_trained_classes(
 ) -> None:
     artifact = load_artifact(plain.opt_ml.model_dir)
     policy = artifact.policy
-    predictor = Predictor(artifact, torch.device("cpu"), ["fp32"], optimize=False)
+    predictor = Predictor(artifact, torch.device("cpu"), ["fp32"], optimize="eager")
     held_out = _outputs(predictor, _pixels(_images(plain.opt_ml.channel_dir("test")), 64))
     strangers = _outputs(predictor, _pixels(_images(family / "left_out"), 64) + _negatives(64))
     detection = auroc(
@@ -176,7 +176,7 @@ def test_a_left_out_class_and_negatives_abstain_far_more_than_trained_classes(
 def test_served_probabilities_are_the_calibrated_ones(served: App, plain: Job) -> None:
     artifact = load_artifact(plain.opt_ml.model_dir)
     temperature = artifact.policy.temperature
-    predictor = Predictor(artifact, torch.device("cpu"), ["fp32"], optimize=False)
+    predictor = Predictor(artifact, torch.device("cpu"), ["fp32"], optimize="eager")
     paths = [p for p in _images(plain.opt_ml.channel_dir("test")) if p.suffix == ".jpg"][:8]
     offline = _outputs(predictor, _pixels(paths, 64))
     expected = calibrated(offline.logits, temperature)
