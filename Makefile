@@ -6,7 +6,7 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.t
 DEMO ?= opt_ml
 TS_VENV ?= /tmp/ts
 
-.PHONY: install test test-fast lint run bench bench-serve bench-soak bench-image container-deps clean
+.PHONY: install test test-fast lint run bench bench-serve bench-soak bench-multi-model bench-image container-deps clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -47,6 +47,9 @@ bench-serve: install $(TS_VENV)/bin/torchserve ## serving throughput against a n
 
 bench-soak: install ## our server for 10 minutes under valid, oversized and hostile requests: RSS, /ping, no 500 -> docs/benchmarks.md
 	$(PY) -m bench.serve_soak
+
+bench-multi-model: install ## a multi-model endpoint: load time and memory of 8 models, req/s with 2 and 8 hot against one model -> docs/benchmarks.md
+	$(PY) -m bench.multi_model
 
 bench-image: install container-deps ## image sizes (CUDA; CPU computed) and cold start to a 200 /ping -> docs/image.md
 	$(PY) -m bench.image
