@@ -232,6 +232,25 @@ def test_requests_to_two_models_at_once_are_all_served(loaded: Server) -> None:
         assert len(labels) == (4 if name == "four" else 2)
 
 
+def test_a_busy_model_does_not_starve_another(loaded: Server) -> None:
+    """Forty requests to one model in flight, then two to another: each model's batches take
+    turns on the model thread, so the quiet model's answers come long before the busy one's
+    queue is through."""
+    finished: list[str] = []
+
+    def send(name: str) -> int:
+        status = _invoke(loaded, name).status_code
+        finished.append(name)  # list.append is atomic
+        return status
+
+    with ThreadPoolExecutor(8) as busy, ThreadPoolExecutor(2) as quiet:
+        flood = [busy.submit(send, "four") for _ in range(40)]
+        few = [quiet.submit(send, "two") for _ in range(2)]
+        assert {f.result() for f in flood + few} == {200}
+    last_quiet = max(i for i, name in enumerate(finished) if name == "two")
+    assert last_quiet < len(finished) - 10, finished
+
+
 def test_invocations_serves_the_model_the_target_header_names(endpoint: Server) -> None:
     """The SDK's local mode: the tarballs under /opt/ml/model, the target-model header on
     /invocations; the model is loaded on first use."""
