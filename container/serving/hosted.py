@@ -162,7 +162,10 @@ class Models:
         self._loading[name] = future
         try:
             hosted = await self._load(name, url)
-        except BaseException as exc:
+        except asyncio.CancelledError:  # the server stops
+            future.cancel()
+            raise
+        except Exception as exc:
             future.set_exception(exc)
             future.exception()  # retrieved: a load nobody else waits for is not "never retrieved"
             raise

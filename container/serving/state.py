@@ -206,7 +206,7 @@ class ServerState:
             return self.models.get(_DEFAULT_MODEL)
         if name is not None:
             return self.models.get(name)
-        if target is None:
+        if not target:
             raise BadRequestError(
                 f"this is a multi-model endpoint: name the model with the {TARGET_MODEL} header "
                 "(InvokeEndpoint's TargetModel), or POST to /models/{name}/invoke"
@@ -269,6 +269,6 @@ def load_failure(exc: Exception) -> str:
 
 
 def _confined(root: Path, relative: str) -> Path | None:
-    """`root / relative` when it stays inside `root`, else None."""
-    candidate = (root / relative).resolve()
-    return candidate if candidate.is_relative_to(root.resolve()) else None
+    """`root / relative` when it is something inside `root` (not `root` itself), else None."""
+    base, candidate = root.resolve(), (root / relative).resolve()
+    return candidate if candidate != base and candidate.is_relative_to(base) else None

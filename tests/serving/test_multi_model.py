@@ -261,8 +261,9 @@ def test_invocations_serves_the_model_the_target_header_names(endpoint: Server) 
         unnamed = endpoint.post(jpeg(photo()))
         assert unnamed.status_code == 400
         assert TARGET_MODEL in unnamed.json()["message"]
-        outside = endpoint.post(jpeg(photo()), **{TARGET_MODEL: "../serve.log"})
-        assert outside.status_code == 404
+        for outside in ("../serve.log", ".", "/etc/passwd"):
+            refused = endpoint.post(jpeg(photo()), **{TARGET_MODEL: outside})
+            assert refused.status_code == 404, outside
     finally:
         endpoint.client.delete("/models/dogs.tar.gz")
 
