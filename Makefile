@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 DEMO ?= opt_ml
 TS_VENV ?= /tmp/ts
+# pytest-xdist workers: one per CPU, at most 4 (tests/conftest.py gives each its share of the CPUs).
+TEST_WORKERS ?= $(shell n=$$(nproc); echo $$(( n < 4 ? n : 4 )))
 
 .PHONY: install test test-fast lint run bench bench-serve bench-soak bench-multi-model bench-image container-deps clean
 
@@ -26,10 +28,10 @@ container-deps: ## a docker engine, the base image and the host's CA certificate
 	cp /usr/local/share/ca-certificates/*.crt docker/ca/ 2>/dev/null || true
 
 test: lint container-deps ## the whole test suite (what CI runs)
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -n $(TEST_WORKERS)
 
 test-fast: lint ## the tests that need no docker engine, no moto server and no training job of their own
-	$(VENV)/bin/pytest -m "not docker and not aws and not slow"
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) -m "not docker and not aws and not slow"
 
 run: install ## train a demo model if there is none, then serve it on :8080 (DATA=dataset or model.tar.gz)
 	$(PY) -m container.quickstart $(DATA) --opt-ml $(DEMO)

@@ -18,6 +18,9 @@ from typing import Any
 
 import httpx
 import pytest
+from filelock import FileLock
+from xdist.remote import Producer
+from xdist.scheduler import LoadScopeScheduling
 
 from container.sagemaker_env import MAX_FAILURE_CHARS, OptMl, encode_hyperparameters
 from container.sample_data import SampleSpec, make_dataset
@@ -162,11 +165,50 @@ def free_port() -> int:
 _CONTAINER_TESTS = Path(__file__).resolve().parent / "container"
 
 
+class _ByModule(LoadScopeScheduling):
+    """pytest-xdist's unit of work: a test module, so that its module-scoped fixtures (a training
+    run its tests share) run once; tests/container is one unit, as its tests share the docker
+    engine, the image's containers and host port 8080. Units are handed out in collection order,
+    which `pytest_collection_modifyitems` makes longest first. (`--dist loadgroup` would group
+    with markers, but xdist 3.8 cannot suffix pytest 9.2's node ids.)"""
+
+    def __init__(self, config: pytest.Config, log: Producer) -> None:
+        config.option.loadscopereorder = False  # xdist's order: most tests first
+        super().__init__(config, log)
+
+    def _split_scope(self, nodeid: str) -> str:
+        module = nodeid.split("::", 1)[0]
+        return "tests/container" if module.startswith("tests/container/") else module
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Producer) -> _ByModule:
+    return _ByModule(config, log)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (`make test` runs one worker per CPU, up to 4), each worker and every
+    process it starts keep to their share of the CPUs: `train` and `serve` size their torch
+    threads from the CPUs they may use, and two workers whose threads shared all of them ran a
+    training job 3x slower than one alone (CPU time lost to OpenMP threads waiting on each
+    other)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    count = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if worker and count:
+        cpus = sorted(os.sched_getaffinity(0))
+        share = cpus[int(worker.removeprefix("gw")) % len(cpus) :: int(count)]
+        os.sched_setaffinity(0, share or cpus)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Markers from what each test needs, so that `make test-fast` can leave out the long ones:
     `docker` (the real image: tests/container), `aws` (the moto server, through the SageMaker SDK
     or boto3), `slow` (training jobs of its own: the `job` or `jobs` fixture, directly or through
-    a fixture that shares one run between tests; `fixturenames` holds them all)."""
+    a fixture that shares one run between tests; `fixturenames` holds them all).
+
+    Then the longest modules first, each kept whole (tests/container, then those that train,
+    then the rest), so that xdist's workers end together rather than one waiting on a long last
+    module."""
+    rank: dict[Path, int] = {}
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
         if item.path.is_relative_to(_CONTAINER_TESTS):
@@ -175,6 +217,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.aws)
         if fixtures & {"job", "jobs"}:
             item.add_marker(pytest.mark.slow)
+        first = 0 if item.get_closest_marker("docker") else 1 if "slow" in item.keywords else 2
+        rank[item.path] = min(rank.get(item.path, first), first)
+    items.sort(key=lambda item: rank[item.path])  # stable: each module's own order stays
 
 
 @pytest.fixture(scope="session")
@@ -205,11 +250,19 @@ def _new_job(
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory: pytest.TempPathFactory, dataset: Path) -> OptMl:
     """An /opt/ml tree whose model/ the real training job wrote (test/ held out); one for the
-    server tests, launch's and the image's."""
-    job = _new_job(tmp_path_factory.mktemp("trained"), dataset, MODEL)
-    run = job.run()
-    assert run.returncode == 0, run.stderr
-    return job.opt_ml
+    server tests, launch's and the image's, and for every xdist worker of the run: the first
+    to need it trains it while the others wait."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the run's folder, above each worker's own
+    base, done = shared / "trained", shared / "trained.done"
+    with FileLock(shared / "trained.lock"):
+        if not done.exists():
+            shutil.rmtree(base, ignore_errors=True)
+            run = _new_job(base, dataset, MODEL).run()
+            assert run.returncode == 0, run.stderr
+            done.touch()
+    return OptMl(base)
 
 
 @pytest.fixture
