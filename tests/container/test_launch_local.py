@@ -23,7 +23,7 @@ from container.class_names import class_name
 from container.sagemaker_env import OptMl
 from tests.conftest import ROOT
 from tests.container.conftest import containers_of
-from tests.launch.conftest import one_line_error
+from tests.launch.conftest import Launch, one_line_error
 
 RunLaunch = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -39,15 +39,19 @@ def model_tar(trained: OptMl, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def run_launch(
-    sagemaker_sdk_env: dict[str, str], tmp_path: Path, image: str
-) -> Iterator[RunLaunch]:
-    """`launch transform --instance-type local --image-uri IMAGE ...` with no AWS variables, no AWS
-    config and its own HOME, while something else holds host port 8080."""
+def no_aws(sagemaker_sdk_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    """The environment of a user with no AWS variables, no AWS config and a HOME of their own."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     home = tmp_path / "home"
     home.mkdir()
-    env.update(sagemaker_sdk_env, HOME=str(home), PYTHONPATH=str(ROOT))
+    return {**env, **sagemaker_sdk_env, "HOME": str(home), "PYTHONPATH": str(ROOT)}
+
+
+@pytest.fixture
+def run_launch(no_aws: dict[str, str], tmp_path: Path, image: str) -> Iterator[RunLaunch]:
+    """`launch transform --instance-type local --image-uri IMAGE ...` as a process of its own, for
+    such a user, while something else holds host port 8080."""
+    env = no_aws
 
     def launch(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -171,13 +175,16 @@ def test_a_model_folder_and_a_flat_folder(
     ],
 )
 def test_what_local_mode_cannot_run_is_one_line(
-    run_launch: RunLaunch,
+    no_aws: dict[str, str],
     image: str,
     model_tar: Path,
     tmp_path: Path,
     args: list[str],
     message: str,
 ) -> None:
+    """Refused before any container starts: `launch.cli.main` in this process (the runs above are
+    the real process)."""
     fill = {"model": str(model_tar), "input": str(tmp_path), "image": image}
-    done = run_launch(*(a.format(**fill) for a in args))
+    launch = Launch(no_aws, tmp_path, common=[])
+    done = launch("transform", "--instance-type", "local", *(a.format(**fill) for a in args))
     assert one_line_error(done).startswith(message.format(**fill))
