@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import logging
 import statistics
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -50,6 +51,12 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+_GRAPHS = threading.RLock()
+"""Held while a module is traced (torch.fx or torch.jit) and while one runs. torch.fx's tracer
+patches `torch.nn.Module.__call__` for the whole process, so a model answering on the model
+thread while another loads on a multi-model endpoint would be caught in that model's trace and
+fail ("module is not installed as a submodule")."""
 
 
 @dataclass(frozen=True)
@@ -229,6 +236,10 @@ class Predictor:
         return f"{_FORMS[self._optimize]} {self.precision} on {self._form.device}"
 
     def _build(self, precision: Precision, artifact: Artifact) -> _Form:
+        with _GRAPHS:
+            return self._build_form(precision, artifact)
+
+    def _build_form(self, precision: Precision, artifact: Artifact) -> _Form:
         size = self.prep.image_size
         if precision == "int8":
             cpu = torch.device("cpu")
@@ -256,7 +267,7 @@ class Predictor:
         return normalize(torch.stack(list(pixels)), self.prep, device)
 
     def _run(self, form: _Form, batch: Sequence[torch.Tensor]) -> list[Outputs]:
-        with torch.inference_mode():
+        with _GRAPHS, torch.inference_mode():
             return _split(*form.run(self._inputs(batch, form.device)))
 
     def predict(self, batch: Sequence[torch.Tensor]) -> list[Outputs]:
@@ -266,7 +277,7 @@ class Predictor:
 
     def predict_fp32(self, batch: Sequence[torch.Tensor]) -> list[Outputs]:
         """The plain full-precision module's outputs: the reference for parity checks."""
-        with torch.inference_mode():
+        with _GRAPHS, torch.inference_mode():
             return _split(*self._fp32_outputs(self._inputs(batch, self.device)))
 
     def answer(self, outputs: Outputs, override: Override) -> Answer:
@@ -277,7 +288,8 @@ class Predictor:
         """Grad-CAM for one prepared image (needs `keep_image`) and one class, on the fp32
         network whatever precision serves."""
         assert prepared.image is not None
-        cam = grad_cam(self._fp32, self._inputs([prepared.pixels], self.device), class_index)
+        with _GRAPHS:
+            cam = grad_cam(self._fp32, self._inputs([prepared.pixels], self.device), class_index)
         box = eval_box(prepared.image.size, self.prep)
         return {
             "method": "gradcam",
