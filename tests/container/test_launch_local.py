@@ -184,7 +184,10 @@ def test_what_local_mode_cannot_run_is_one_line(
 ) -> None:
     """Refused before any container starts: `launch.cli.main` in this process (the runs above are
     the real process)."""
-    fill = {"model": str(model_tar), "input": str(tmp_path), "image": image}
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "dog.jpg").write_bytes(b"unread: refused before")
+    fill = {"model": str(model_tar), "input": str(inputs), "image": image}
     launch = Launch(no_aws, tmp_path, common=[])
     done = launch("transform", "--instance-type", "local", *(a.format(**fill) for a in args))
     assert one_line_error(done).startswith(message.format(**fill))
