@@ -219,7 +219,8 @@ class Predictor:
         self._fp32 = model
         self._fp32_outputs = WithFeatures(model).eval()
         self._optimize = optimize
-        self._forms = {p: self._build(p, artifact) for p in precisions}
+        with _GRAPHS:
+            self._forms = {p: self._build(p, artifact) for p in precisions}
         self._form = self._forms[precisions[0]]
 
     @property
@@ -236,10 +237,6 @@ class Predictor:
         return f"{_FORMS[self._optimize]} {self.precision} on {self._form.device}"
 
     def _build(self, precision: Precision, artifact: Artifact) -> _Form:
-        with _GRAPHS:
-            return self._build_form(precision, artifact)
-
-    def _build_form(self, precision: Precision, artifact: Artifact) -> _Form:
         size = self.prep.image_size
         if precision == "int8":
             cpu = torch.device("cpu")

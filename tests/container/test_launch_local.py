@@ -51,13 +51,12 @@ def no_aws(sagemaker_sdk_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
 def run_launch(no_aws: dict[str, str], tmp_path: Path, image: str) -> Iterator[RunLaunch]:
     """`launch transform --instance-type local --image-uri IMAGE ...` as a process of its own, for
     such a user, while something else holds host port 8080."""
-    env = no_aws
 
     def launch(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "launch", "transform", "--instance-type", "local", *args],
             cwd=tmp_path,
-            env=env,
+            env=no_aws,
             capture_output=True,
             text=True,
             timeout=600,
