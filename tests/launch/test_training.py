@@ -11,10 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jsonschema  # type: ignore[import-untyped]
 import pytest
+import sagemaker.config
+import sagemaker.utils
 
 from container.training.metrics import METRIC_DEFINITIONS
 from launch.errors import explain, job_ended
+from tests.conftest import SAGEMAKER_SDK_CONFIG
 from tests.launch.conftest import Launch, StandInHandler, one_line_error, stand_in
 
 
@@ -198,6 +202,28 @@ def refusing(launch: Launch) -> Iterator[RefusingSageMaker]:
     with stand_in(Refuse) as url:
         launch.env["AWS_ENDPOINT_URL_SAGEMAKER"] = url
         yield refusals
+
+
+def test_the_sdk_config_file_still_sets_defaults_and_is_still_validated(
+    launch: Launch, bucket: str, tmp_path: Path
+) -> None:
+    """launch checks the SDK's config schema once (launch/aws.py), not on every lookup: the
+    file's defaults still reach the job, and a config the schema refuses gets the SDK's error."""
+    config = tmp_path / "sdk-config.yaml"
+    tags = "  TrainingJob:\n    Tags:\n      - Key: team\n        Value: vision\n"
+    config.write_text(SAGEMAKER_SDK_CONFIG + tags)
+    env = {"SAGEMAKER_USER_CONFIG_OVERRIDE": str(config)}
+    launch.ok("train", "--bucket", bucket, "--no-wait", env=env)
+    (request,) = launch.sent("SageMaker.CreateTrainingJob")
+    assert {"Key": "team", "Value": "vision"} in request["Tags"]
+
+    refused = {"SchemaVersion": "1.0", "SageMaker": {"TrainingJob": {"Tags": [{"Key": 1}]}}}
+    with pytest.raises(jsonschema.ValidationError) as sdk:
+        sagemaker.config.validate_sagemaker_config(refused)
+    with pytest.raises(jsonschema.ValidationError) as ours:
+        sagemaker.utils.validate_sagemaker_config(refused)  # launch's, once launch.aws is loaded
+    assert ours.value.message == sdk.value.message
+    assert list(ours.value.absolute_path) == list(sdk.value.absolute_path)
 
 
 def _train(launch: Launch, bucket: str, *flags: str) -> subprocess.CompletedProcess[str]:
