@@ -131,9 +131,18 @@ class _Worker:
             for fd in fds:
                 os.close(fd)
         inbox = asyncio.StreamReader()
-        transport, _ = await asyncio.get_running_loop().connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(inbox), os.fdopen(from_child_r, "rb", 0)
-        )
+        pipe = os.fdopen(from_child_r, "rb", 0)
+        try:
+            transport, _ = await asyncio.get_running_loop().connect_read_pipe(
+                lambda: asyncio.StreamReaderProtocol(inbox), pipe
+            )
+        except BaseException:  # the server stops while it starts
+            process.kill()
+            await process.wait()
+            pipe.close()
+            os.close(to_child_w)
+            shared.close()
+            raise
         worker = cls(process, to_child_w, inbox, transport, shared)
         # Its imports take a moment: an image's time budget starts once it is ready.
         try:
@@ -313,7 +322,11 @@ class DecoderPool:
     async def start(self) -> None:
         """Start the processes (in parallel) and the tasks that feed them."""
         loop = asyncio.get_running_loop()
-        await asyncio.gather(*(slot.start() for slot in self._slots))
+        # A task group, not gather: cancelled (the server stops), it waits until every slot has
+        # stopped what it started.
+        async with asyncio.TaskGroup() as starting:
+            for slot in self._slots:
+                starting.create_task(slot.start())
         self._tasks = [
             loop.create_task(self._feed(slot), name=f"decoder-{slot.number}")
             for slot in self._slots

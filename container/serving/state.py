@@ -159,7 +159,11 @@ class ServerState:
             logger.exception("Not serving: loading the model failed")
             return
         finally:
-            await decoders
+            try:
+                await decoders
+            except asyncio.CancelledError:  # the server stops: so does their start; wait for it
+                await asyncio.gather(decoders, return_exceptions=True)
+                raise
         logger.info(
             "Ready in %.1f s: %d classes, model version %s, %s, batches of up to %d, "
             "%d decoder processes, up to %d images queued",
@@ -175,6 +179,8 @@ class ServerState:
     async def stop(self) -> None:
         if self._loading is not None:
             self._loading.cancel()
+            # Until it has unwound, the decoder processes it was starting may still be running.
+            await asyncio.gather(self._loading, return_exceptions=True)
         await self.models.stop()
         await self.decoders.stop()
         self.model_thread.shutdown(wait=True, cancel_futures=True)

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from container.sagemaker_env import OptMl
@@ -184,6 +185,20 @@ def test_a_broken_model_means_503_for_good_with_the_reason_in_the_log(
         assert invocation.status_code == 503
         assert invocation.json()["message"] == public
         assert len(app.log_lines("Not serving")) == 1
+
+
+def test_stopped_while_its_decoders_start_it_leaves_no_decoder_running(
+    trained: OptMl, tmp_path: Path
+) -> None:
+    """An empty model folder fails at once, and the stop comes while the decoder processes are
+    still importing: each one started is stopped, and reaped, before the app's shutdown ends
+    (ten times: the stop lands at a different point of their start each time)."""
+    base = _tree(tmp_path, trained)
+    before = set(psutil.Process().children())
+    for _ in range(10):
+        with in_process(serve_settings(OptMl(base))) as app:
+            assert app.log_lines("Not serving")
+        assert set(psutil.Process().children()) - before == set()
 
 
 def test_default_accept_can_be_jsonlines(trained: OptMl) -> None:
