@@ -25,6 +25,7 @@ from xdist.scheduler import LoadScopeScheduling
 from container.sagemaker_env import MAX_FAILURE_CHARS, OptMl, encode_hyperparameters
 from container.sample_data import SampleSpec, make_dataset
 from container.training.metrics import METRIC_DEFINITIONS
+from tests.forkserver import Forkserver
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "train"
@@ -40,6 +41,9 @@ FAST: dict[str, Any] = {
     "warmup_epochs": 0,
     "int8": False,
 }
+
+
+_FORKSERVER = Forkserver()
 
 
 @dataclass
@@ -109,6 +113,10 @@ class Job:
         timeout: float = 300,
         wrapper: Sequence[str] = (),
     ) -> TrainRun:
+        """`train` to its end: forked from the worker's forkserver, or under `wrapper` a process
+        of its own."""
+        if not wrapper:
+            return TrainRun(*_FORKSERVER.run([str(TRAIN)], self.env(extra_env), self.base, timeout))
         process = self.start(extra_env, wrapper)
         stdout, stderr = process.communicate(timeout=timeout)
         return TrainRun(process.returncode, stdout, stderr)
