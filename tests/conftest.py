@@ -194,11 +194,11 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Producer) -> _ByModu
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Under pytest-xdist (`make test` runs one worker per CPU, up to 4), each worker and every
-    process it starts keep to their share of the CPUs: `train` and `serve` size their torch
-    threads from the CPUs they may use, and two workers whose threads shared all of them ran a
-    training job 3x slower than one alone (CPU time lost to OpenMP threads waiting on each
-    other)."""
+    """Under pytest-xdist, each worker and every process it starts keep to their share of the
+    CPUs (`make test` runs one worker more than the CPUs: one CPU each, in turn round them):
+    `train` and `serve` size their torch threads from the CPUs they may use, and two workers whose
+    threads shared all of them ran a training job 3x slower than one alone (CPU time lost to
+    OpenMP threads waiting on each other). Two single-threaded workers on one CPU take turns."""
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     count = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if worker and count:
@@ -211,11 +211,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Markers from what each test needs, so that `make test-fast` can leave out the long ones:
     `docker` (the real image: tests/container), `aws` (the moto server, through the SageMaker SDK
     or boto3), `slow` (training jobs of its own: the `job` or `jobs` fixture, directly or through
-    a fixture that shares one run between tests; `fixturenames` holds them all).
+    a fixture that shares one run between tests; `fixturenames` holds them all; a module that is
+    slow otherwise says so itself).
 
-    Then the longest modules first, each kept whole (tests/container, then those that train,
-    then the rest), so that xdist's workers end together rather than one waiting on a long last
-    module."""
+    Then the longest modules first, each kept whole (tests/container, then those that train or
+    are marked slow, then those that serve the shared trained model, then the rest, which are
+    short), so that xdist's workers end together rather than one waiting on a long last module."""
     rank: dict[Path, int] = {}
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
@@ -225,7 +226,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.aws)
         if fixtures & {"job", "jobs"}:
             item.add_marker(pytest.mark.slow)
-        first = 0 if item.get_closest_marker("docker") else 1 if "slow" in item.keywords else 2
+        if item.get_closest_marker("docker"):
+            first = 0
+        else:
+            first = 1 if "slow" in item.keywords else 2 if "trained" in fixtures else 3
         rank[item.path] = min(rank.get(item.path, first), first)
     items.sort(key=lambda item: rank[item.path])  # stable: each module's own order stays
 

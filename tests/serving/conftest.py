@@ -29,7 +29,7 @@ from PIL import Image
 
 from container.sagemaker_env import OptMl
 from container.serving.app import create_app
-from container.serving.settings import ServeSettings
+from container.serving.settings import ENVIRONMENT, ServeSettings
 from tests.conftest import ROOT, free_port
 
 SERVE = ROOT / "serve"
@@ -151,9 +151,11 @@ class _OnLoop(httpx.BaseTransport):
         return asyncio.run_coroutine_threadsafe(send(), self._loop).result(timeout=120)
 
 
-QUICK: dict[str, object] = {"optimize": "eager", "max_batch_size": 1}
-"""Settings that load the model soonest (no tracing, a warm-up of one image), for the tests
-whose subject is not inference."""
+QUICK: dict[str, object] = {"optimize": "eager", "max_batch_size": 1, "precision": "fp32"}
+"""Settings that load the model soonest (no tracing, no precisions timed, a warm-up of one
+image), for the tests whose subject is not inference."""
+QUICK_ENV = {ENVIRONMENT[name]: str(value) for name, value in QUICK.items()}
+"""The same for a `serve` process."""
 
 
 def serve_settings(trained: OptMl, **changes: object) -> ServeSettings:

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from container.sagemaker_env import OptMl
-from tests.serving.conftest import Server, jpeg, photo, serving
+from tests.serving.conftest import QUICK_ENV, Server, jpeg, photo, serving
 
 HEADER_TIMEOUT_S = 1.0
 # Generous: these only bound a test that would otherwise hang, they measure nothing.
@@ -29,7 +29,8 @@ PARTIAL_REQUEST = b"POST /invocations HTTP/1.1\r\nHost: x\r\nX-Slow: "
 def server(trained: OptMl, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A server that gives clients one second to send their headers."""
     log = tmp_path_factory.mktemp("slow-clients") / "serve.log"
-    with serving(trained.base, log, {"SERVE_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S)}) as running:
+    env = {**QUICK_ENV, "SERVE_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S)}
+    with serving(trained.base, log, env) as running:
         yield running
 
 
@@ -176,7 +177,8 @@ def test_an_idle_keep_alive_connection_outlives_the_header_timeout(server: Serve
 def test_over_the_connection_limit_uvicorn_answers_503_at_once(
     trained: OptMl, tmp_path: Path
 ) -> None:
-    with serving(trained.base, tmp_path / "serve.log", {"SERVE_MAX_CONNECTIONS": "2"}) as limited:
+    env = {**QUICK_ENV, "SERVE_MAX_CONNECTIONS": "2"}
+    with serving(trained.base, tmp_path / "serve.log", env) as limited:
         slow_bodies = [_connect(limited) for _ in range(3)]
         for sock in slow_bodies:
             sock.sendall(
@@ -193,7 +195,11 @@ def test_over_the_connection_limit_uvicorn_answers_503_at_once(
 
 def test_worker_processes_have_the_header_deadline_too(trained: OptMl, tmp_path: Path) -> None:
     """`workers > 1` sends uvicorn's config, protocol included, to spawned processes."""
-    env = {"SAGEMAKER_MODEL_SERVER_WORKERS": "2", "SERVE_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S)}
+    env = {
+        **QUICK_ENV,
+        "SAGEMAKER_MODEL_SERVER_WORKERS": "2",
+        "SERVE_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
+    }
     with serving(trained.base, tmp_path / "serve.log", env) as workers:
         for _ in range(4):
             with _connect(workers) as sock:
