@@ -21,8 +21,6 @@ from tests.launch.conftest import Launch
 
 _INSTALL_TIMEOUT_S = 900
 
-pytestmark = pytest.mark.slow  # a venv to build: 40 s and more
-
 
 @pytest.fixture(scope="session")
 def laptop(tmp_path_factory: pytest.TempPathFactory) -> Path:
