@@ -207,6 +207,10 @@ def pytest_configure(config: pytest.Config) -> None:
         os.sched_setaffinity(0, share or cpus)
 
 
+def pytest_unconfigure(config: pytest.Config) -> None:
+    _FORKSERVER.close()
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Markers from what each test needs, so that `make test-fast` can leave out the long ones:
     `docker` (the real image: tests/container), `aws` (the moto server, through the SageMaker SDK

@@ -122,6 +122,13 @@ class Forkserver:
             returncode = self._read(server)["returncode"]
             return returncode, out.read_text(), err.read_text()
 
+    def close(self) -> None:
+        """Close its stdin, on which it exits, and reap it."""
+        with self._lock:
+            if self._process is not None:
+                self._process.communicate(timeout=30)
+                self._process = None
+
     @staticmethod
     def _read(server: subprocess.Popen[bytes]) -> dict[str, int]:
         assert server.stdout is not None
