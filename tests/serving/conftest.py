@@ -269,8 +269,10 @@ def app(trained: OptMl) -> Iterator[App]:
 
 @pytest.fixture(scope="session")
 def server(trained: OptMl, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """One `serve` process with default settings, for clients that need a URL (tests/launch)."""
-    running = start_server(trained.base, tmp_path_factory.mktemp("server") / "serve.log")
+    """One `serve` process, for clients that need a URL (tests/launch): the quick settings, as
+    those clients' subject is what they send and print."""
+    log = tmp_path_factory.mktemp("server") / "serve.log"
+    running = start_server(trained.base, log, QUICK_ENV)
     running.wait_until(200)
     yield running
     assert running.stop() == 0

@@ -28,6 +28,8 @@ from PIL import Image
 from container.sagemaker_env import OptMl
 from tests.crafted import png_header
 from tests.serving.conftest import (
+    QUICK,
+    QUICK_ENV,
     Endpoint,
     Server,
     encoded,
@@ -178,7 +180,7 @@ def guarded(trained: OptMl, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     with serving(
         trained.base,
         tmp_path_factory.mktemp("hostile") / "serve.log",
-        {"SERVE_BODY_TIMEOUT_S": "2"},
+        {**QUICK_ENV, "SERVE_BODY_TIMEOUT_S": "2"},
     ) as running:
         assert running.post(jpeg(photo())).status_code == 200  # every allocation made once
         yield running
@@ -234,7 +236,7 @@ def test_a_client_that_leaves_has_its_work_dropped(guarded: Server) -> None:
 
 def test_a_wedged_decoder_is_replaced_while_others_are_answered(trained: OptMl) -> None:
     normal = jpeg(photo())
-    with in_process(serve_settings(trained, decode_timeout_s=0.2, decoders=2)) as app:
+    with in_process(serve_settings(trained, decode_timeout_s=0.2, decoders=2, **QUICK)) as app:
         app.wait_until(200)
         answered: list[int] = []  # statuses of requests sent while the wedges were in
         with pinging(app) as pings:
@@ -252,7 +254,7 @@ def test_a_wedged_decoder_is_replaced_while_others_are_answered(trained: OptMl) 
 
 def test_more_clients_than_the_queue_holds_get_fast_503s(trained: OptMl) -> None:
     body = jpeg(photo(1024, 768))
-    with in_process(serve_settings(trained, max_queued_images=2, max_batch_size=1)) as app:
+    with in_process(serve_settings(trained, max_queued_images=2, **QUICK)) as app:
         app.wait_until(200)
         with ThreadPoolExecutor(24) as pool:
             responses = list(pool.map(lambda _: app.post(body), range(96)))
@@ -269,7 +271,7 @@ def test_more_clients_than_the_queue_holds_get_fast_503s(trained: OptMl) -> None
 
 def test_ping_says_503_while_images_wait_too_long_for_a_decoder(trained: OptMl) -> None:
     # Time enough to decode (the subject is the wait for a decoder, not SERVE_DECODE_TIMEOUT_S).
-    served = serve_settings(trained, decoders=1, stall_s=0.5, decode_timeout_s=60)
+    served = serve_settings(trained, decoders=1, stall_s=0.5, decode_timeout_s=60, **QUICK)
     with in_process(served) as app:
         app.wait_until(200)
         reasons = []

@@ -25,7 +25,7 @@ from container.sample_data import SampleSpec, make_dataset
 from container.serving.predictor import Predictor
 from container.training.calibration import auroc
 from tests.conftest import FAST, Job, NewJob
-from tests.serving.conftest import App, in_process, serve_settings
+from tests.serving.conftest import QUICK, App, in_process, serve_settings
 
 TRUST = {
     **FAST,
@@ -216,14 +216,16 @@ def test_min_confidence_and_abstain_off_change_the_answer(served: App, family: P
 
 def test_the_endpoint_settings_set_the_default(plain: Job, family: Path) -> None:
     stranger = next(p for p in _images(family / "left_out") if p.suffix == ".jpg")
-    with in_process(serve_settings(plain.opt_ml, min_confidence=1.0)) as app:
+    with in_process(serve_settings(plain.opt_ml, min_confidence=1.0, **QUICK)) as app:
         app.wait_until(200)
         answer = app.post(stranger.read_bytes()).json()
         assert answer["abstained"] is True
         assert "min_confidence" in answer["reason"]
         header = {"X_Amzn_SageMaker_Custom_Attributes": "min_confidence=0.001"}
         assert app.post(stranger.read_bytes(), "image/jpeg", **header).json()["abstained"] is False
-    with in_process(serve_settings(plain.opt_ml, abstain=False, min_confidence=1.0)) as app:
+    with in_process(
+        serve_settings(plain.opt_ml, abstain=False, min_confidence=1.0, **QUICK)
+    ) as app:
         app.wait_until(200)
         assert app.post(stranger.read_bytes()).json()["abstained"] is False
 
