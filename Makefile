@@ -29,6 +29,8 @@ container-deps: ## a docker engine, the base image and the host's CA certificate
 	docker/base-image.sh byoc-base:bookworm
 	cp /usr/local/share/ca-certificates/*.crt docker/ca/ 2>/dev/null || true
 
+# The engine `make test` starts keeps its containers on the last CPU (docker/engine.sh).
+test: export ENGINE_CPUS ?= $(shell echo $$(( $$(nproc) - 1 )))
 test: lint container-deps ## the whole test suite (what CI runs)
 	$(VENV)/bin/pytest -n $(TEST_WORKERS)
 
