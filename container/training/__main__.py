@@ -26,7 +26,8 @@ def main() -> int:
         logger.error("%s", exc)
         write_failure(OptMl.from_environ(os.environ), failure_text(exc))
         return 1
-    return distributed.run(settings.world, functools.partial(job.run_process, settings))
+    run = functools.partial(job.run_process, settings)
+    return distributed.run(settings.world, run, preload=(job.__name__,))
 
 
 if __name__ == "__main__":

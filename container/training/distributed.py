@@ -1,13 +1,14 @@
 """Data-parallel training over the GPUs of a host and the hosts of resourceconfig.json.
 
 One process per GPU (or `processes_per_host` on CPU), DDP over NCCL on GPUs and gloo on CPUs; the
-master is hosts[0] (docs/sagemaker-contract.md §2.6). A host with several processes spawns them and
+master is hosts[0] (docs/sagemaker-contract.md §2.6). A host with several processes starts them and
 forwards SIGTERM, because `docker stop` signals PID 1 only.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import signal
 import socket
@@ -173,20 +174,25 @@ def _child(local_rank: int, main: Callable[[int], int]) -> None:
         raise SystemExit(code)
 
 
-def run(world: World, main: Callable[[int], int]) -> int:
+def run(world: World, main: Callable[[int], int], preload: tuple[str, ...] = ()) -> int:
     """Run `main(local_rank)` in every process of this host; return the host's exit code.
 
-    A single process runs in place. Several are spawned; SIGTERM on the parent is forwarded to
-    them (each stops cleanly) and the parent exits with the first non-zero code.
+    A single process runs in place. Several are forked from a fork server that imports `preload`
+    (the modules `main` needs) once, instead of each process importing torch and them again as a
+    spawned one does: about 4 s of CPU per process on a 2-core AMD EPYC. The server only imports:
+    no torch operation or CUDA call runs there, so no thread pool or device state is inherited.
+    SIGTERM on the parent is forwarded to them (each stops cleanly) and the parent exits with the
+    first non-zero code.
     """
     if world.processes_per_host == 1:
         return main(0)
+    multiprocessing.set_forkserver_preload(["torch", *preload])
     context = start_processes(  # type: ignore[no-untyped-call]
         _child,
         args=(main,),
         nprocs=world.processes_per_host,
         join=False,
-        start_method="spawn",
+        start_method="forkserver",
     )
 
     def forward(signum: int, frame: FrameType | None) -> None:

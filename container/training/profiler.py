@@ -110,7 +110,7 @@ class Profiler:
         self._stop = threading.Event()
         self._gpu = _Gpu(self.device)
         self._process = psutil.Process()
-        # With several processes per host this one was spawned a moment after `train` started.
+        # With several processes per host this one was started a moment after `train` was.
         self._process_start = self._process.create_time()
         self._first_step: float | None = None  # wall clock (time.time) at the first step
         self._thread = threading.Thread(target=self._sample_loop, name="profiler", daemon=True)
