@@ -7,7 +7,8 @@ DEMO ?= opt_ml
 TS_VENV ?= /tmp/ts
 # pytest-xdist workers: one more than the CPUs, at most 5 (tests/conftest.py pins each to a CPU):
 # the extra one runs while another waits on docker, a server or a sleeping client. With 2 CPUs
-# (AMD EPYC) pytest took 656 s with 3 workers, 771-845 s with 2 and 759 s with 4.
+# (AMD EPYC, containers not yet pinned) pytest took 656 s with 3 workers, 771-845 s with 2 and
+# 759 s with 4.
 TEST_WORKERS ?= $(shell n=$$(nproc); echo $$(( n + 1 < 5 ? n + 1 : 5 )))
 
 .PHONY: install test test-fast lint run bench bench-serve bench-soak bench-multi-model bench-image container-deps clean
