@@ -44,7 +44,7 @@ MiB = 1 << 20
 MEMORY_BOUND = 150 * MiB
 """How much the server and its decoders may grow over one class of hostile requests."""
 PING_LIMIT_S = 2.0
-LEAKS = re.compile(r"0x[0-9a-f]{6,}|<_io|/tmp/|/opt/ml|Traceback")
+LEAKS = re.compile(r"0x[0-9a-f]{6,}|<_io|/tmp/|pytest-of-|/opt/ml|Traceback")
 """What a client-visible message must never hold: heap addresses, reprs, paths, tracebacks."""
 
 
