@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from container.sagemaker_env import OptMl
-from tests.serving.conftest import App, in_process, jpeg, photo, serve_settings
+from tests.serving.conftest import QUICK, App, in_process, jpeg, photo, serve_settings
 
 
 def test_cuda_without_a_usable_gpu_is_503_for_good_with_the_reason(trained: OptMl) -> None:
@@ -35,18 +35,18 @@ def test_cuda_without_a_usable_gpu_is_503_for_good_with_the_reason(trained: OptM
         assert line == f"ERROR container.serving.state: Not serving: {message}"
 
 
-def _serves_on_the_cpu(app: App) -> None:
+def _serves_on_the_cpu(app: App, batches: object) -> None:
     assert app.post(jpeg(photo())).status_code == 200
-    assert " on cpu, batches of up to 16" in app.logs()
+    assert f" on cpu, batches of up to {batches}" in app.logs()
     assert "ERROR " not in app.logs()  # no NVIDIA device here: nothing to warn about
 
 
 def test_auto_serves_on_the_cpu(app: App) -> None:
-    """The shared app has the default settings: SERVE_DEVICE=auto."""
-    _serves_on_the_cpu(app)
+    """The shared app has the default settings: SERVE_DEVICE=auto, batches of up to 16."""
+    _serves_on_the_cpu(app, 16)
 
 
 def test_cpu_serves_on_the_cpu(trained: OptMl) -> None:
-    with in_process(serve_settings(trained, device="cpu")) as app:
+    with in_process(serve_settings(trained, device="cpu", **QUICK)) as app:
         app.wait_until(200)
-        _serves_on_the_cpu(app)
+        _serves_on_the_cpu(app, QUICK["max_batch_size"])
