@@ -29,6 +29,7 @@ from sagemaker.serializers import IdentitySerializer
 
 from tests.conftest import FAST
 from tests.container.conftest import containers_of, docker
+from tests.serving.conftest import QUICK_ENV
 
 ROLE = "arn:aws:iam::111111111111:role/SageMakerRole"
 
@@ -111,12 +112,15 @@ def test_estimator_fit_trains_in_the_container(model_data: Path) -> None:
 
 @pytest.fixture(scope="module")
 def model(image: str, session: LocalSession, model_data: Path) -> Model:
+    """The model of the fit, its server set through the model's environment to load the quick
+    way (the SDK's paths are the subject; tests/container/test_image.py serves the defaults)."""
     return Model(
         image_uri=image,
         model_data=f"file://{model_data}",
         role=ROLE,
         sagemaker_session=session,
         name="local-dog-model",
+        env=QUICK_ENV,
     )
 
 
@@ -153,6 +157,8 @@ def test_deploy_and_predict_jpeg_bytes(model: Model, session: LocalSession, data
             assert len(predictions) == len(classes)
             assert sorted(p["index"] for p in predictions) == list(range(len(classes)))
             assert sum(p["probability"] for p in predictions) == pytest.approx(1.0, abs=1e-3)
+        logs = docker("logs", containers_of(model.image_uri)[0], check=False)
+        assert "batches of up to 1," in logs.stdout + logs.stderr  # the model's env reached it
     finally:
         with sdk_leaks_pipes():
             predictor.delete_endpoint(delete_endpoint_config=True)
@@ -207,7 +213,7 @@ def test_a_multi_data_model_serves_each_target_model(
             model_data_prefix="s3://multi-models/models/",
             image_uri=image,
             role=ROLE,
-            env={"SAGEMAKER_MULTI_MODEL": "true"},
+            env={"SAGEMAKER_MULTI_MODEL": "true", **QUICK_ENV},
             sagemaker_session=session,
         )
         with sdk_leaks_pipes():
