@@ -727,3 +727,12 @@ def test_settings_from_the_environment() -> None:
 def test_bad_settings_name_the_variable(variable: str, value: str) -> None:
     with pytest.raises(SettingsError, match=f"{variable}='{value}' is invalid"):
         ServeSettings.from_environ({variable: value})
+
+
+def test_a_multi_model_endpoint_with_several_workers_is_refused() -> None:
+    with pytest.raises(
+        SettingsError, match=r"one server process .* set SAGEMAKER_MODEL_SERVER_WORKERS=1"
+    ):
+        ServeSettings.from_environ(
+            {"SAGEMAKER_MULTI_MODEL": "true", "SAGEMAKER_MODEL_SERVER_WORKERS": "2"}
+        )
