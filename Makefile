@@ -33,9 +33,9 @@ container-deps: ## a docker engine, the base image and the host's CA certificate
 # The tests' temporary folders go in RAM (/dev/shm) when it has 12 GiB free: the suite writes and
 # fsyncs checkpoints, models and datasets there (360 MB a training job), each deleted when its test
 # passes, the rest when the run passes (at most 5.4 GB at once). On the disk, a run's CPUs sat
-# 298 CPU-s of 1628 waiting on it; in RAM, 85 of 1362 (2-core AMD EPYC).
-TEST_TEMP ?= $(shell [ "$$(df --output=avail -k /dev/shm 2>/dev/null | tail -1)" -ge 12582912 ] 2>/dev/null && echo /dev/shm)
-test test-fast: export PYTEST_DEBUG_TEMPROOT ?= $(TEST_TEMP)
+# 298 CPU-s of 1628 waiting on it; in RAM, 85 of 1362 (2-core AMD EPYC). PYTEST_DEBUG_TEMPROOT= keeps
+# them in /tmp.
+test test-fast: export PYTEST_DEBUG_TEMPROOT ?= $(shell [ "$$(df --output=avail -k /dev/shm 2>/dev/null | tail -1)" -ge 12582912 ] 2>/dev/null && echo /dev/shm)
 
 # The engine `make test` starts keeps its containers on the last CPU (docker/engine.sh).
 test: export ENGINE_CPUS ?= $(shell echo $$(( $$(nproc) - 1 )))
