@@ -25,7 +25,7 @@ from xdist.scheduler import LoadScopeScheduling
 from container.sagemaker_env import MAX_FAILURE_CHARS, OptMl, encode_hyperparameters
 from container.sample_data import SampleSpec, make_dataset
 from container.training.metrics import METRIC_DEFINITIONS
-from tests.forkserver import Forkserver
+from tests import forkserver
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "train"
@@ -41,9 +41,6 @@ FAST: dict[str, Any] = {
     "warmup_epochs": 0,
     "int8": False,
 }
-
-
-_FORKSERVER = Forkserver()
 
 
 @dataclass
@@ -116,7 +113,9 @@ class Job:
         """`train` to its end: forked from the worker's forkserver, or under `wrapper` a process
         of its own."""
         if not wrapper:
-            return TrainRun(*_FORKSERVER.run([str(TRAIN)], self.env(extra_env), self.base, timeout))
+            return TrainRun(
+                *forkserver.FORKSERVER.run([str(TRAIN)], self.env(extra_env), self.base, timeout)
+            )
         process = self.start(extra_env, wrapper)
         stdout, stderr = process.communicate(timeout=timeout)
         return TrainRun(process.returncode, stdout, stderr)
@@ -208,7 +207,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    _FORKSERVER.close()
+    forkserver.FORKSERVER.close()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -30,6 +30,7 @@ from PIL import Image
 from container.sagemaker_env import OptMl
 from container.serving.app import create_app
 from container.serving.settings import ENVIRONMENT, ServeSettings
+from tests import forkserver
 from tests.conftest import ROOT, free_port
 
 SERVE = ROOT / "serve"
@@ -79,7 +80,7 @@ class Endpoint:
 class Server(Endpoint):
     """A `serve` process; `stop()` sends SIGTERM and returns its exit code."""
 
-    process: subprocess.Popen[str]
+    process: subprocess.Popen[str] | forkserver.Child
     port: int
     log: Path
     client: httpx.Client = field(init=False)
@@ -228,7 +229,11 @@ def _rss(pid: int) -> int:
     )
 
 
-def start_server(base: Path, log: Path, env: Mapping[str, str] | None = None) -> Server:
+def start_server(
+    base: Path, log: Path, env: Mapping[str, str] | None = None, *, fork: bool = True
+) -> Server:
+    """`serve` on a free port, its output in `log`: forked from the worker's `serve` forkserver
+    (tests/forkserver.py), or with `fork=False` a process of its own, as `python serve`."""
     port = free_port()
     environment = {
         **os.environ,
@@ -236,6 +241,10 @@ def start_server(base: Path, log: Path, env: Mapping[str, str] | None = None) ->
         "SAGEMAKER_BIND_TO_PORT": str(port),
         **(env or {}),
     }
+    if fork:
+        return Server(
+            forkserver.FORKSERVER.start([str(SERVE)], environment, Path.cwd(), log, log), port, log
+        )
     with log.open("w") as out:
         process = subprocess.Popen(
             [sys.executable, str(SERVE)],

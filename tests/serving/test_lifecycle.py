@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import tarfile
 import threading
 import time
@@ -18,6 +16,7 @@ import psutil
 import pytest
 
 from container.sagemaker_env import OptMl
+from tests import forkserver
 from tests.serving.conftest import (
     QUICK,
     SERVE,
@@ -98,7 +97,8 @@ def test_the_serve_process_from_start_to_sigterm(trained: OptMl, tmp_path: Path)
     """The real `serve`: its socket opens before the model has loaded (503 says so, then 200);
     /ping stays fast while inference is saturated; SIGTERM finishes the requests in flight, and
     it exits 0."""
-    server = start_server(trained.base, tmp_path / "serve.log", {"SERVE_MAX_BATCH_SIZE": "2"})
+    log, env = tmp_path / "serve.log", {"SERVE_MAX_BATCH_SIZE": "2"}
+    server = start_server(trained.base, log, env, fork=False)
     try:
         statuses = _pings_until_200(server)
         assert statuses[0] == 503  # the socket opens before the model has loaded
@@ -212,12 +212,7 @@ def test_default_accept_can_be_jsonlines(trained: OptMl) -> None:
 def test_settings_it_cannot_honour_stop_it_at_once(trained: OptMl) -> None:
     """Exit 2 with the reason before anything starts; which values are refused, and the message
     for each, is test_codecs.py's (`test_bad_settings_name_the_variable` and the next)."""
-    done = subprocess.run(
-        [sys.executable, str(SERVE)],
-        env={**os.environ, "SAGEMAKER_BASE_DIR": str(trained.base), "SERVE_DEVICE": "gpu"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 2
-    assert "SERVE_DEVICE='gpu' is invalid: Input should be 'auto', 'cuda'" in done.stderr
+    env = {**os.environ, "SAGEMAKER_BASE_DIR": str(trained.base), "SERVE_DEVICE": "gpu"}
+    returncode, _, stderr = forkserver.FORKSERVER.run([str(SERVE)], env, Path.cwd(), timeout=60)
+    assert returncode == 2
+    assert "SERVE_DEVICE='gpu' is invalid: Input should be 'auto', 'cuda'" in stderr
