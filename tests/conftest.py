@@ -303,7 +303,7 @@ def _trained_early(
 ) -> Iterator[None]:
     """When tests of the session need `trained`, the first worker to start trains it in the
     background while its tests run (the other workers' tests too, on the other CPU), rather than
-    when one needs it: tests then waited on it with a CPU idle (13 s of 210 in `make test-fast`)."""
+    when a test first needs it, which the others then waited on with a CPU idle."""
     if not any("trained" in item.fixturenames for item in request.session.items):
         yield
         return
