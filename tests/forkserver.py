@@ -159,6 +159,7 @@ class Forkserver:
 
     def __init__(self) -> None:
         self._process: subprocess.Popen[bytes] | None = None
+        self._reader = threading.Thread()
         self._lock = threading.Lock()
         self._asked: collections.deque[list[str]] = collections.deque()
         self._started: collections.deque[Child] = collections.deque()
@@ -207,12 +208,15 @@ class Forkserver:
             return returncode, out.read_text(), err.read_text()
 
     def close(self) -> None:
-        """Close its stdin, on which it exits, and reap it."""
+        """Close its stdin, on which it exits, reap it and let its reader end."""
         with self._lock:
             if self._process is not None:
                 assert self._process.stdin is not None
+                assert self._process.stdout is not None
                 self._process.stdin.close()
                 self._process.wait(timeout=30)
+                self._reader.join(timeout=30)
+                self._process.stdout.close()
                 self._process = None
 
     def _server(self) -> subprocess.Popen[bytes]:
@@ -226,7 +230,10 @@ class Forkserver:
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
             assert self._process.stdout is not None
-            threading.Thread(target=self._read, args=(self._process.stdout,), daemon=True).start()
+            self._reader = threading.Thread(
+                target=self._read, args=(self._process.stdout,), daemon=True
+            )
+            self._reader.start()
         return self._process
 
     def _read(self, answers: IO[bytes]) -> None:
