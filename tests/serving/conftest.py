@@ -232,7 +232,7 @@ def _rss(pid: int) -> int:
 def start_server(
     base: Path, log: Path, env: Mapping[str, str] | None = None, *, fork: bool = True
 ) -> Server:
-    """`serve` on a free port, its output in `log`: forked from the worker's `serve` forkserver
+    """`serve` on a free port, its output in `log`: forked from the worker's forkserver
     (tests/forkserver.py), or with `fork=False` a process of its own, as `python serve`."""
     port = free_port()
     environment = {
