@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import hashlib
 import io
 import logging
 import lzma
@@ -43,6 +44,7 @@ __all__ = [
     "ArchiveTooLargeError",
     "is_archive",
     "read_archive",
+    "unpack_name",
     "unpack_once",
 ]
 
@@ -152,6 +154,22 @@ def is_archive(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(_SUFFIXES)
 
 
+def _identity(archive: Path) -> str:
+    info = archive.stat()
+    return f"{archive.resolve()} {info.st_size} {info.st_mtime_ns}"
+
+
+def unpack_name(archive: Path) -> str:
+    """A folder name for `archive` unpacked: its stem and a digest of its path, size and mtime.
+
+    Servers of one host unpack under one parent. Named so, each archive gets a folder of its own,
+    and no server replaces a tree that another is loading from; the workers of one server, given
+    the same archive, share one.
+    """
+    digest = hashlib.sha256(_identity(archive).encode()).hexdigest()[:16]
+    return f"{archive.name.split('.')[0]}-{digest}"
+
+
 def unpack_once(archive: Path, dest: Path, budget: ArchiveBudget = ArchiveBudget()) -> Path:
     """Unpack `archive` into `dest` within `budget` and return `dest`.
 
@@ -162,8 +180,7 @@ def unpack_once(archive: Path, dest: Path, budget: ArchiveBudget = ArchiveBudget
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
     done = dest.with_name(dest.name + ".complete")
-    info = archive.stat()
-    identity = f"{archive.resolve()} {info.st_size} {info.st_mtime_ns}"
+    identity = _identity(archive)
     with open(dest.with_name(dest.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if done.exists() and done.read_text() == identity:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from container.model import (
     load_backbone_weights,
     save_artifact,
 )
-from container.serving.predictor import load_predictor
+from container.serving.predictor import find_model_dir, load_predictor
 
 
 @pytest.mark.parametrize(
@@ -83,6 +84,21 @@ def test_an_older_artifact_still_loads_and_serves(tmp_path: Path) -> None:
     assert answer.probabilities.shape == (3,)
     assert not answer.abstained  # no calibration, no threshold: it answers as it always did
     assert predictor.policy == Policy()
+
+
+def test_servers_of_one_host_unpack_their_archives_apart(tmp_path: Path) -> None:
+    """Two servers, each with its own model.tar.gz, share the scratch folder of the host."""
+    found = []
+    for server in ("a", "b"):
+        _save(tmp_path / server / "src")
+        (tmp_path / server / "src" / "classes.json").write_text(json.dumps([server] * 3))
+        with tarfile.open(tmp_path / server / "model.tar.gz", "w:gz") as tar:
+            tar.add(tmp_path / server / "src", arcname=".")
+        found.append(find_model_dir(tmp_path / server / "model.tar.gz", tmp_path / "scratch"))
+    assert found[0] != found[1]
+    assert [load_artifact(d).classes for d in found] == [["a"] * 3, ["b"] * 3]
+    # the same archive again: its folder, unpacked once, is reused
+    assert find_model_dir(tmp_path / "a" / "model.tar.gz", tmp_path / "scratch") == found[0]
 
 
 def test_model_version_is_a_content_hash(tmp_path: Path) -> None:

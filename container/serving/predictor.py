@@ -31,7 +31,7 @@ from torchvision.models import ResNet
 
 from container import int8
 from container.abstention import Answer, Outputs, Override, Policy, answer
-from container.archives import ArchiveError, is_archive, unpack_once
+from container.archives import ArchiveError, is_archive, unpack_name, unpack_once
 from container.decoding import Preprocessing, eval_box
 from container.devices import DeviceChoice, cpu_has_bf16, resolve_device
 from container.images import normalize
@@ -95,7 +95,7 @@ def find_model_dir(model_dir: Path, scratch: Path) -> Path:
         archives = [p for p in entries if is_archive(p)]
     for archive in archives:
         try:
-            unpacked = unpack_once(archive, scratch / archive.name.split(".")[0])
+            unpacked = unpack_once(archive, scratch / unpack_name(archive))
         except ArchiveError as exc:
             raise ArtifactError(str(exc)) from exc
         candidates += [unpacked, *(p for p in sorted(unpacked.iterdir()) if p.is_dir())]
