@@ -8,7 +8,7 @@ import shutil
 import tarfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -93,6 +93,33 @@ def _ping_times_while_saturated(server: Server) -> list[float]:
     return pings
 
 
+def _in_flight(
+    pool: ThreadPoolExecutor, server: Server, body: bytes, count: int
+) -> list[Future[httpx.Response]]:
+    """`count` requests posted at once, returned once every one has sent its headers and the
+    server has had a moment to take them in: each has its connection, none its answer yet."""
+    sent = threading.Semaphore(0)
+
+    def trace(event: str, info: object) -> None:
+        if event == "http11.send_request_headers.complete":
+            sent.release()
+
+    def post() -> httpx.Response:
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            return client.post(
+                "/invocations",
+                content=body,
+                headers={"Content-Type": "image/jpeg"},
+                extensions={"trace": trace},
+            )
+
+    requests = [pool.submit(post) for _ in range(count)]
+    for _ in range(count):  # a thread of a loaded host can take seconds to start
+        assert sent.acquire(timeout=60), [r.exception() for r in requests if r.done()]
+    time.sleep(0.5)  # uvicorn accepts the connections and starts reading the bodies
+    return requests
+
+
 def test_the_serve_process_from_start_to_sigterm(trained: OptMl, tmp_path: Path) -> None:
     """The real `serve`: its socket opens before the model has loaded (503 says so, then 200);
     /ping stays fast while inference is saturated; SIGTERM finishes the requests in flight, and
@@ -107,19 +134,8 @@ def test_the_serve_process_from_start_to_sigterm(trained: OptMl, tmp_path: Path)
         assert server.client.get("/ping").content == b""
         pings = _ping_times_while_saturated(server)
         assert max(pings) < PING_TIMEOUT_S, pings
-        body = jpeg(photo(3000, 2000))
         with ThreadPoolExecutor(12) as pool:
-            in_flight = [
-                pool.submit(
-                    httpx.post,
-                    f"{server.url}/invocations",
-                    content=body,
-                    headers={"Content-Type": "image/jpeg"},
-                    timeout=60,
-                )
-                for _ in range(12)
-            ]
-            time.sleep(0.5)  # requests are queued or running
+            in_flight = _in_flight(pool, server, jpeg(photo(3000, 2000)), 12)
             sent = time.monotonic()
             assert server.stop(timeout=STOP_WINDOW_S) == 0
             assert time.monotonic() - sent < STOP_WINDOW_S
