@@ -21,7 +21,7 @@ from typing import Any, TextIO
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import ValidationError
 
-from launch.errors import LaunchError, explain
+from launch.errors import LaunchError, SdkConfigError, explain
 from launch.settings import DEFAULT_CONFIG, Common, load_config
 
 __all__ = ["COMMANDS", "main"]
@@ -146,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         print(f"launch: invalid settings: {problems}", file=sys.stderr)
         return 2
-    except (LaunchError, BotoCoreError, ClientError) as exc:
+    except (LaunchError, BotoCoreError, ClientError, SdkConfigError) as exc:
         print(f"launch: {explain(exc)}", file=sys.stderr)
         return 1
     return status

@@ -10,8 +10,9 @@ from botocore.exceptions import (
     NoRegionError,
     ParamValidationError,
 )
+from jsonschema import ValidationError as SdkConfigError  # type: ignore[import-untyped]
 
-__all__ = ["LaunchError", "explain", "job_ended"]
+__all__ = ["LaunchError", "SdkConfigError", "explain", "job_ended"]
 
 
 class LaunchError(Exception):
@@ -33,10 +34,17 @@ _CLIENT_ERRORS = {
 }
 
 
-def explain(exc: LaunchError | BotoCoreError | ClientError) -> str:
+def explain(exc: LaunchError | BotoCoreError | ClientError | SdkConfigError) -> str:
     """One line for what stopped a command: what happened and what to do."""
     if isinstance(exc, LaunchError):
         return str(exc)
+    if isinstance(exc, SdkConfigError):  # raised by the SDK as it loads its config files
+        where = ".".join(map(str, exc.absolute_path)) or "the top level"
+        return (
+            f"a SageMaker SDK config file breaks the SDK's schema at {where}: {exc.message}; fix "
+            "it in the file SAGEMAKER_USER_CONFIG_OVERRIDE names, else ~/.config/sagemaker/"
+            "config.yaml, or /etc/xdg/sagemaker/config.yaml (SAGEMAKER_ADMIN_CONFIG_OVERRIDE)"
+        )
     if isinstance(exc, NoCredentialsError):
         return "no AWS credentials: run 'aws configure', or set AWS_PROFILE"
     if isinstance(exc, NoRegionError):

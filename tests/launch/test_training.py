@@ -207,8 +207,9 @@ def refusing(launch: Launch) -> Iterator[RefusingSageMaker]:
 def test_the_sdk_config_file_still_sets_defaults_and_is_still_validated(
     launch: Launch, bucket: str, tmp_path: Path
 ) -> None:
-    """launch checks the SDK's config schema once (launch/aws.py), not on every lookup: the
-    file's defaults still reach the job, and a config the schema refuses gets the SDK's error."""
+    """launch checks the SDK's config schema once (launch/aws.py), not on every validation: the
+    file's defaults still reach the job, a config the schema refuses gets the SDK's error, and a
+    config file the schema refuses stops the command with one line that says where."""
     config = tmp_path / "sdk-config.yaml"
     tags = "  TrainingJob:\n    Tags:\n      - Key: team\n        Value: vision\n"
     config.write_text(SAGEMAKER_SDK_CONFIG + tags)
@@ -224,6 +225,13 @@ def test_the_sdk_config_file_still_sets_defaults_and_is_still_validated(
         sagemaker.utils.validate_sagemaker_config(refused)  # launch's, once launch.aws is loaded
     assert ours.value.message == sdk.value.message
     assert list(ours.value.absolute_path) == list(sdk.value.absolute_path)
+    config.write_text(SAGEMAKER_SDK_CONFIG + "  TrainingJob:\n    Tags:\n      - Key: 1\n")
+    assert one_line_error(launch("train", "--bucket", bucket, "--no-wait", env=env)) == (
+        "launch: a SageMaker SDK config file breaks the SDK's schema at "
+        "SageMaker.TrainingJob.Tags.0: 'Value' is a required property; fix it in the file "
+        "SAGEMAKER_USER_CONFIG_OVERRIDE names, else ~/.config/sagemaker/config.yaml, or "
+        "/etc/xdg/sagemaker/config.yaml (SAGEMAKER_ADMIN_CONFIG_OVERRIDE)"
+    )
 
 
 def _train(launch: Launch, bucket: str, *flags: str) -> subprocess.CompletedProcess[str]:
