@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -406,8 +407,23 @@ def sagemaker_sdk_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str
     }
 
 
+@pytest.fixture(scope="session")
+def _one_botocore_loader() -> Iterator[None]:
+    """Every botocore session of this process reads AWS's service models through one loader, as
+    the clients of one session already do. A `launch` command builds its sessions once; the tests
+    run hundreds of commands in one process, and each new session parsed the same JSON models
+    again: 23 of 58 CPU-s in three launch test modules (2-core AMD EPYC)."""
+    import botocore.loaders
+    import botocore.session
+
+    with pytest.MonkeyPatch.context() as patch:
+        shared = functools.cache(botocore.loaders.create_loader)
+        patch.setattr(botocore.session, "create_loader", shared)
+        yield
+
+
 @pytest.fixture
-def aws_env(moto_server: str) -> dict[str, str]:
+def aws_env(moto_server: str, _one_botocore_loader: None) -> dict[str, str]:
     """The environment for the AWS CLI and boto3, aimed at moto_server with fake credentials.
 
     Every AWS_* variable of the caller is dropped and the config files point at nothing, so the
