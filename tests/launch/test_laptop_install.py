@@ -34,11 +34,15 @@ def laptop(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in ("container", "launch"):
         shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     venv = base / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet"]
+    # This venv's pip installs into the new one (pip --python), which needs no pip of its own;
+    # the modules are byte-compiled when first imported, not all of them at install.
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    pip = [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install"]
     subprocess.run(
         [
             *pip,
+            "--quiet",
+            "--no-compile",
             "--disable-pip-version-check",
             "-c",
             str(ROOT / "constraints.txt"),
