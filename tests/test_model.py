@@ -13,6 +13,7 @@ from container.abstention import Override, Policy
 from container.class_names import class_name
 from container.decoding import Preprocessing
 from container.model import (
+    META_FILE,
     ArtifactError,
     backbone,
     build,
@@ -90,13 +91,13 @@ def test_servers_of_one_host_unpack_their_archives_apart(tmp_path: Path) -> None
     """Two servers, each with its own model.tar.gz, share the scratch folder of the host."""
     found = []
     for server in ("a", "b"):
-        _save(tmp_path / server / "src")
-        (tmp_path / server / "src" / "classes.json").write_text(json.dumps([server] * 3))
+        (tmp_path / server).mkdir()
         with tarfile.open(tmp_path / server / "model.tar.gz", "w:gz") as tar:
-            tar.add(tmp_path / server / "src", arcname=".")
+            for name, text in ((META_FILE, "{}"), ("classes.json", json.dumps([server]))):
+                (tmp_path / server / name).write_text(text)
+                tar.add(tmp_path / server / name, arcname=name)
         found.append(find_model_dir(tmp_path / server / "model.tar.gz", tmp_path / "scratch"))
-    assert found[0] != found[1]
-    assert [load_artifact(d).classes for d in found] == [["a"] * 3, ["b"] * 3]
+    assert [json.loads((d / "classes.json").read_text()) for d in found] == [["a"], ["b"]]
     # the same archive again: its folder, unpacked once, is reused
     assert find_model_dir(tmp_path / "a" / "model.tar.gz", tmp_path / "scratch") == found[0]
 
