@@ -247,10 +247,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         needed = {*getattr(item, "fixturenames", ()), *(m.name for m in item.iter_markers())}
         needs.setdefault(_ByModule.unit(item.nodeid), set()).update(needed & {*_KINDS})
-    kinds = {
-        unit: min(map(_KINDS.index, need), default=_KINDS.index("")) for unit, need in needs.items()
-    }
-    items.sort(key=lambda item: kinds[_ByModule.unit(item.nodeid)])  # stable: modules stay whole
+    order = {unit: _order(need) for unit, need in needs.items()}
+    items.sort(key=lambda item: order[_ByModule.unit(item.nodeid)])  # stable: modules stay whole
+
+
+def _order(need: set[str]) -> tuple[int, bool]:
+    """A unit's place: its kind, by the first of docker, trained, slow that it needs (one that
+    needs `trained` and trains too waited 75 s among those that train), then, among those that
+    need `trained`, the ones that train first."""
+    kind = next((k for k in ("docker", "trained", "slow") if k in need), "")
+    return _KINDS.index(kind), "slow" not in need
 
 
 @pytest.fixture(scope="session")
