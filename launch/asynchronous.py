@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from botocore.exceptions import ClientError
 from sagemaker.async_inference.async_inference_config import AsyncInferenceConfig
 
 from container.invocations import MAX_ASYNC_PAYLOAD_MB
-from launch.aws import Aws
+from launch.aws import Aws, unique_stamp
 from launch.errors import LaunchError
 
 __all__ = [
@@ -221,8 +220,7 @@ def _split(uri: str) -> tuple[str, str]:
 def upload(aws: Aws, path: Path, prefix: str, content_type: str) -> str:
     """`path` under `prefix` in a folder of its own (a time stamp and a random part, so that
     nothing is overwritten); its S3 URI."""
-    stamp = time.strftime("%y%m%d-%H%M%S", time.gmtime())
-    uri = f"{prefix.rstrip('/')}/{stamp}-{uuid.uuid4().hex[:8]}/{path.name}"
+    uri = f"{prefix.rstrip('/')}/{unique_stamp(random_hex=8)}/{path.name}"
     bucket, key = _split(uri)
     # The managed transfer: multipart for the big inputs asynchronous inference is for.
     aws.boto.client("s3").upload_file(

@@ -3,6 +3,7 @@ common settings, and the names, URIs and links the commands print."""
 
 from __future__ import annotations
 
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,7 @@ from sagemaker.session import Session
 
 from launch.settings import Common
 
-__all__ = ["Aws", "console_url", "job_name"]
+__all__ = ["Aws", "console_url", "job_name", "unique_stamp"]
 
 _SDK_CONFIG = jsonschema.validators.validator_for(SAGEMAKER_PYTHON_SDK_CONFIG_SCHEMA)(
     SAGEMAKER_PYTHON_SDK_CONFIG_SCHEMA
@@ -71,12 +72,18 @@ class Aws:
         return "s3://" + "/".join([self.bucket, self.common.prefix, *parts])
 
 
+def unique_stamp(random_hex: int = 4) -> str:
+    """yymmdd-HHMMSS (UTC) and `random_hex` random hex digits: the time for people to read and sort
+    by, the random part so that two made in the same second (a script's deploys) differ."""
+    return f"{time.strftime('%y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(random_hex // 2)}"
+
+
 def job_name(prefix: str, kind: str, limit: int = 63) -> str:
-    """An explicit, unique name: prefix-kind-timestamp, cut to `limit` characters (63 for most
-    SageMaker names, 32 for tuning jobs) from the front of prefix-kind."""
-    stamp = time.strftime("%y%m%d-%H%M%S", time.gmtime())
-    head = f"{prefix}-{kind}"[: limit - len(stamp) - 1].rstrip("-")
-    return f"{head}-{stamp}"
+    """An explicit, unique name: prefix-kind-stamp, within `limit` characters (63 for most
+    SageMaker names, 32 for tuning jobs), cut from the end of the prefix so the kind stays."""
+    stamp = unique_stamp()
+    head = prefix[: limit - len(stamp) - len(kind) - 2].rstrip("-")
+    return f"{head}-{kind}-{stamp}"
 
 
 def console_url(region: str, kind: str, name: str) -> str:

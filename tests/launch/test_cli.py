@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from launch.aws import job_name
 from launch.cli import COMMANDS, main
 from tests.conftest import ROOT
 from tests.launch.conftest import IMAGE_URI, ROLE, Launch, one_line_error
@@ -77,3 +78,11 @@ def test_a_missing_config_file_is_one_line(launch: Launch) -> None:
     assert "config file nowhere.toml does not exist" in one_line_error(
         launch("cleanup", "--config", "nowhere.toml")
     )
+
+
+def test_generated_names_differ_within_a_second_and_keep_their_kind() -> None:
+    """A script's deploys can start within one second: each names its own model (a name met
+    again makes the SDK reuse that model, with the other artifact)."""
+    first, second = (job_name("dog-classifier", "model") for _ in range(2))
+    assert first != second
+    assert first.startswith("dog-classifier-model-")

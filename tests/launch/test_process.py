@@ -12,8 +12,8 @@ from tests.launch.test_hosting import MODEL_DATA, artifact
 
 
 def _unstamped(text: str) -> str:
-    """Output with the timestamps of generated names (job_name's yymmdd-HHMMSS) made equal."""
-    return re.sub(r"\d{6}-\d{6}", "YYMMDD-HHMMSS", text)
+    """Output with the stamps of generated names (yymmdd-HHMMSS-xxxx) made equal."""
+    return re.sub(r"\d{6}-\d{6}-[0-9a-f]{4}", "YYMMDD-HHMMSS-XXXX", text)
 
 
 def test_an_error_is_one_line_and_exit_status_1(launch: Launch) -> None:

@@ -26,7 +26,7 @@ def test_tune_sends_ranges_objective_metrics_and_limits(launch: Launch, bucket: 
         "--max-jobs", "9", "--max-parallel-jobs", "3",
     )  # fmt: skip
     name = _name(done.stdout)
-    assert name.startswith("dog-classifier-tun")
+    assert name.startswith("dog-clas-tune-")
     assert len(name) <= 32
     assert f"#/hyper-tuning-jobs/{name}" in done.stdout
     job = launch.client("sagemaker").describe_hyper_parameter_tuning_job(
