@@ -221,7 +221,8 @@ def pytest_itemcollected(item: pytest.Item) -> None:
     """Markers from what each test needs, so that `make test-fast` can leave out the long ones:
     `docker` (the real image: tests/container), `aws` (the moto server, through the SageMaker SDK
     or boto3), `slow` (training jobs of its own: the `job` or `jobs` fixture, directly or through
-    a fixture that shares one run between tests; `fixturenames` holds them all)."""
+    a fixture that shares one run between tests; `fixturenames` holds them all). A test that
+    trains by another way (the quick start's demo model) says `@pytest.mark.slow` itself."""
     fixtures = set(getattr(item, "fixturenames", ()))
     if item.path.is_relative_to(_CONTAINER_TESTS):
         item.add_marker(pytest.mark.docker)

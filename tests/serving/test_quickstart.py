@@ -37,6 +37,7 @@ def _quickstart(log: Path, *args: str) -> Server:
     return Server(process, port, log)
 
 
+@pytest.mark.slow  # the demo model's training job
 def test_from_nothing_to_a_served_demo_model_and_back_without_retraining(tmp_path: Path) -> None:
     opt_ml = tmp_path / "opt_ml"
     # Two of the demo's epochs and no int8 network: the flow is the subject here, not the model.
