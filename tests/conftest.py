@@ -247,17 +247,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     needs: dict[str, set[str]] = {}
     for item in items:
         needed = {*getattr(item, "fixturenames", ()), *(m.name for m in item.iter_markers())}
-        needs.setdefault(_ByModule.unit(item.nodeid), set()).update(needed & {*_KINDS})
+        needs.setdefault(_ByModule.unit(item.nodeid), set()).update(needed & {*_KINDS, "long"})
     order = {unit: _order(need) for unit, need in needs.items()}
     items.sort(key=lambda item: order[_ByModule.unit(item.nodeid)])  # stable: modules stay whole
 
 
-def _order(need: set[str]) -> tuple[int, bool]:
+def _order(need: set[str]) -> tuple[int, bool, bool]:
     """A unit's place: its kind, by the first of docker, trained, slow that it needs (one that
     needs `trained` and trains too waited 75 s among those that train), then, among those that
-    need `trained`, the ones that train first."""
+    need `trained`, the ones that train first; within each, the `long` ones first (handed out
+    last, the 34 s of tests/serving/test_slow_clients.py ended `make test-fast` alone)."""
     kind = next((k for k in ("docker", "trained", "slow") if k in need), "")
-    return _KINDS.index(kind), "slow" not in need
+    return _KINDS.index(kind), "slow" not in need, "long" not in need
 
 
 @pytest.fixture(scope="session")

@@ -40,6 +40,8 @@ from tests.serving.conftest import (
     serving,
 )
 
+pytestmark = pytest.mark.long  # tests/conftest.py hands it out early
+
 MiB = 1 << 20
 MEMORY_BOUND = 150 * MiB
 """How much the server and its decoders may grow over one class of hostile requests."""

@@ -28,6 +28,8 @@ from tests.serving.conftest import (
     start_server,
 )
 
+pytestmark = pytest.mark.long  # tests/conftest.py hands it out early
+
 # SageMaker's health check times out after 2 s, and SIGKILL follows SIGTERM after 30 s.
 PING_TIMEOUT_S = 2.0
 STOP_WINDOW_S = 30

@@ -19,6 +19,8 @@ import pytest
 from container.sagemaker_env import OptMl
 from tests.serving.conftest import QUICK_ENV, Server, jpeg, photo, serving
 
+pytestmark = pytest.mark.long  # tests/conftest.py hands it out early
+
 HEADER_TIMEOUT_S = 1.0
 # Generous: these only bound a test that would otherwise hang, they measure nothing.
 PATIENCE_S = 20.0
