@@ -12,7 +12,9 @@ in 24 here, on an AMD EPYC).
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,7 +29,7 @@ from container.serving.predictor import Optimize, Precision, Predictor
 from tests.serving.conftest import App, in_process, serve_settings
 
 
-def _offline_top1(trained: OptMl, images: list[Path], precision: str = "fp32") -> list[int]:
+def _offline_top1(trained: OptMl, images: list[Path], precision: str) -> list[int]:
     """The offline evaluation's top-1: the fp32 module, or the int8 network for int8."""
     artifact = load_artifact(trained.model_dir)
     prep = artifact.preprocessing
@@ -42,6 +44,13 @@ def _offline_top1(trained: OptMl, images: list[Path], precision: str = "fp32") -
     return logits.argmax(dim=1).tolist()  # type: ignore[no-any-return]
 
 
+@pytest.fixture(scope="module")
+def offline_top1(trained: OptMl, test_images: list[Path]) -> Callable[[str], list[int]]:
+    """`_offline_top1` of the held-out images by precision, each worked out once (four tests
+    compare with int8's, whose network takes about a second to build)."""
+    return functools.cache(functools.partial(_offline_top1, trained, test_images))
+
+
 def _served_top1(app: App, images: list[Path]) -> list[int]:
     served = []
     for path in images:
@@ -53,13 +62,13 @@ def _served_top1(app: App, images: list[Path]) -> list[int]:
 
 
 def test_served_top1_equals_offline_evaluation(
-    app: App, trained: OptMl, test_images: list[Path]
+    app: App, offline_top1: Callable[[str], list[int]], test_images: list[Path]
 ) -> None:
     """With the defaults (SERVE_PRECISION=auto: whichever precision measured fastest)."""
     (ready,) = app.log_lines(r"Ready in .* on cpu")
     chosen = re.search(r" (fp32|bf16|int8) on cpu", ready)
     assert chosen is not None, ready
-    expected = _offline_top1(trained, test_images, chosen[1])
+    expected = offline_top1(chosen[1])
     served = _served_top1(app, test_images)
     assert served == expected
     # The offline evaluation of the shipped model agrees with the job's own report.
@@ -70,12 +79,15 @@ def test_served_top1_equals_offline_evaluation(
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
 def test_each_precision_serves_the_offline_top1(
-    trained: OptMl, test_images: list[Path], precision: str
+    trained: OptMl,
+    offline_top1: Callable[[str], list[int]],
+    test_images: list[Path],
+    precision: str,
 ) -> None:
     """Every candidate of SERVE_PRECISION=auto on a CPU, forced, through the whole server."""
     with in_process(serve_settings(trained, precision=precision)) as app:
         app.wait_until(200)
-        expected = _offline_top1(trained, test_images, precision)
+        expected = offline_top1(precision)
         assert _served_top1(app, test_images) == expected
         assert app.log_lines(rf"Ready in .* {precision} on cpu")
 
@@ -83,7 +95,11 @@ def test_each_precision_serves_the_offline_top1(
 @pytest.mark.parametrize("optimize", ["jit", "fused", "eager"])
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
 def test_reduced_precision_forms_keep_top1(
-    trained: OptMl, test_images: list[Path], optimize: Optimize, precision: Precision
+    trained: OptMl,
+    offline_top1: Callable[[str], list[int]],
+    test_images: list[Path],
+    optimize: Optimize,
+    precision: Precision,
 ) -> None:
     """bf16 (traced and frozen, fused or eager) against fp32, int8 against its eager network,
     image by image."""
@@ -95,7 +111,7 @@ def test_reduced_precision_forms_keep_top1(
     ]
     fast = [int(p.logits.argmax()) for p in predictor.predict(prepared)]
     if precision == "int8":
-        reference = _offline_top1(trained, test_images, "int8")
+        reference = offline_top1("int8")
     else:
         reference = [int(p.logits.argmax()) for p in predictor.predict_fp32(prepared)]
     assert fast == reference
