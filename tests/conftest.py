@@ -256,7 +256,8 @@ def _order(need: set[str]) -> tuple[int, bool, bool]:
     """A unit's place: its kind, by the first of docker, trained, slow that it needs (one that
     needs `trained` and trains too waited 75 s among those that train), then, among those that
     need `trained`, the ones that train first; within each, the `long` ones first (handed out
-    last, the 34 s of tests/serving/test_slow_clients.py ended `make test-fast` alone)."""
+    last, tests/serving/test_slow_clients.py's 34 s, then test_multi_model's 28, ended
+    `make test-fast` alone, with a CPU idle)."""
     kind = next((k for k in ("docker", "trained", "slow") if k in need), "")
     return _KINDS.index(kind), "slow" not in need, "long" not in need
 
@@ -315,6 +316,29 @@ def _train_shared_model(shared: Path, dataset: Path, block: bool) -> TrainRun | 
     return None
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """The pytest-xdist controller of a run of the whole suite (no paths given: `make test`,
+    `make test-fast`) trains the `trained` model at once, while its workers start and collect
+    (about 20 s on 2 CPUs), rather than when a worker first runs a test: all three workers of
+    `make test-fast` used to wait on it."""
+    config = session.config
+    workers = getattr(config.option, "numprocesses", None)
+    if os.environ.get("PYTEST_XDIST_WORKER") or not workers:
+        return
+    if config.args_source is not pytest.Config.ArgsSource.TESTPATHS:
+        return  # some tests only: `_trained_early`, in a worker that runs one that needs it
+    shared = config._tmp_path_factory.getbasetemp()  # type: ignore[attr-defined]  # the workers'
+    threading.Thread(target=_train_first, args=(shared, workers), name="trained").start()
+
+
+def _train_first(shared: Path, workers: int) -> None:
+    """The shared model, on one CPU: the one the fewest workers share (`pytest_configure`); the
+    forkserver this thread starts, and the job it forks, keep to it."""
+    cpus = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(threading.get_native_id(), [cpus[workers % len(cpus)]])
+    _train_shared_model(shared, make_dataset(shared / "trained-data", SampleSpec()), block=False)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _trained_early(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
@@ -337,7 +361,8 @@ def _trained_early(
 def trained(tmp_path_factory: pytest.TempPathFactory, dataset: Path) -> OptMl:
     """An /opt/ml tree whose model/ the real training job wrote (test/ held out); one for the
     server tests, launch's and the image's, and for every xdist worker of the run: trained once,
-    early (`_trained_early`), while the others wait."""
+    early (by the xdist controller, `pytest_sessionstart`, or `_trained_early`), while the others
+    wait."""
     shared = _shared(tmp_path_factory)
     run = _train_shared_model(shared, dataset, block=True)
     assert run is None or run.returncode == 0, run.stderr
