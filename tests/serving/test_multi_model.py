@@ -19,6 +19,8 @@ from container.serving.settings import MiB
 from tests.conftest import FAST, NewJob
 from tests.serving.conftest import Server, _rss, jpeg, photo, serving
 
+pytestmark = pytest.mark.long  # tests/conftest.py hands it out early
+
 MULTI = {
     "SAGEMAKER_MULTI_MODEL": "true",
     # one precision to build, not three to time: the subject is the models' life, not their speed

@@ -28,6 +28,8 @@ from container.sagemaker_env import OptMl
 from container.serving.predictor import Optimize, Precision, Predictor
 from tests.serving.conftest import App, in_process, serve_settings
 
+pytestmark = pytest.mark.long  # tests/conftest.py hands it out early
+
 
 def _offline_top1(trained: OptMl, images: list[Path], precision: str) -> list[int]:
     """The offline evaluation's top-1: the fp32 module, or the int8 network for int8."""
