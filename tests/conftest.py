@@ -319,7 +319,7 @@ def _train_shared_model(shared: Path, dataset: Path, block: bool) -> TrainRun | 
 def pytest_sessionstart(session: pytest.Session) -> None:
     """The pytest-xdist controller of a run of the whole suite (no paths given: `make test`,
     `make test-fast`) trains the `trained` model at once, while its workers start and collect
-    (about 20 s on 2 CPUs), rather than when a worker first runs a test: all three workers of
+    (about 20 s on 2 CPUs), rather than when a worker first runs a test: the workers of
     `make test-fast` used to wait on it."""
     config = session.config
     workers = getattr(config.option, "numprocesses", None)
