@@ -256,8 +256,8 @@ def _order(need: set[str]) -> tuple[int, bool, bool]:
     """A unit's place: its kind, by the first of docker, trained, slow that it needs (one that
     needs `trained` and trains too waited 75 s among those that train), then, among those that
     need `trained`, the ones that train first; within each, the `long` ones first (handed out
-    last, tests/serving/test_slow_clients.py's 34 s, then test_multi_model's 28, ended
-    `make test-fast` alone, with a CPU idle)."""
+    last, test_slow_clients' 34 s and then test_multi_model's 28 s ended `make test-fast` alone,
+    with a CPU idle)."""
     kind = next((k for k in ("docker", "trained", "slow") if k in need), "")
     return _KINDS.index(kind), "slow" not in need, "long" not in need
 
@@ -333,7 +333,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 def _train_first(shared: Path, workers: int) -> None:
     """The shared model, on one CPU: the one the fewest workers share (`pytest_configure`); the
-    forkserver this thread starts, and the job it forks, keep to it."""
+    forkserver this thread starts, and the job it forks, keep to it. If the job fails, the first
+    worker that needs the model trains it again, and its test shows why."""
     cpus = sorted(os.sched_getaffinity(0))
     os.sched_setaffinity(threading.get_native_id(), [cpus[workers % len(cpus)]])
     _train_shared_model(shared, make_dataset(shared / "trained-data", SampleSpec()), block=False)
