@@ -15,7 +15,7 @@ from container.sagemaker_env import OptMl
 from container.training.checkpoint import CHECKPOINT_FILE
 from tests.conftest import FAST, Job, NewJob, TrainRun, wait_for_line
 
-# SageMaker sends SIGKILL 120 s after SIGTERM (CONTRACT.md §2.3).
+# SageMaker sends SIGKILL 120 s after SIGTERM (docs/sagemaker-contract.md §2.4).
 STOP_WINDOW_S = 120
 
 # Augmented, so resuming must restore the RNG too; a checkpoint every second epoch (and after the
