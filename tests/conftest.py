@@ -208,9 +208,13 @@ def pytest_configure(config: pytest.Config) -> None:
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     count = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if worker and count:
-        cpus = sorted(os.sched_getaffinity(0))
-        share = cpus[int(worker.removeprefix("gw")) % len(cpus) :: int(count)]
-        os.sched_setaffinity(0, share or cpus)
+        os.sched_setaffinity(0, _cpu_share(int(worker.removeprefix("gw")), int(count)))
+
+
+def _cpu_share(slot: int, slots: int) -> list[int]:
+    """The CPUs of `slot` of `slots` taking this process's CPUs in turn: one each, round them."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return cpus[slot % len(cpus) :: slots] or cpus
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -332,11 +336,11 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 
 def _train_first(shared: Path, workers: int) -> None:
-    """The shared model, on one CPU: the one the fewest workers share (`pytest_configure`); the
-    forkserver this thread starts, and the job it forks, keep to it. If the job fails, the first
-    worker that needs the model trains it again, and its test shows why."""
-    cpus = sorted(os.sched_getaffinity(0))
-    os.sched_setaffinity(threading.get_native_id(), [cpus[workers % len(cpus)]])
+    """The shared model, on the CPUs of one worker more (`pytest_configure`): with 3 workers on 2
+    CPUs, the one only one worker has. The forkserver this thread starts, and the job it forks,
+    keep to them. If the job fails, the first worker that needs the model trains it again, and
+    its test shows why."""
+    os.sched_setaffinity(threading.get_native_id(), _cpu_share(workers, workers + 1))
     _train_shared_model(shared, make_dataset(shared / "trained-data", SampleSpec()), block=False)
 
 
